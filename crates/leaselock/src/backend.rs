@@ -1,0 +1,130 @@
+//! The contract every storage backend implements.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::types::{AcquireOutcome, AcquireRequest, Capabilities, Lease, LockInfo, LockKey, LockState};
+
+/// A future that resolves when something a backend watches happens (a release, a lost session).
+pub type Wakeup = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// The locking contract: one round trip per operation wherever the database allows, no waiting,
+/// no retries, no hooks. Those belong to the orchestrator, [`crate::Locker`].
+///
+/// Every method is required, so a backend author thinks about each one. Keys, owners and lease
+/// durations arrive already validated. The shared conformance suite (`leaselock-conformance`)
+/// checks an implementation against a real server.
+///
+/// ```
+/// use leaselock::{AcquireOutcome, AcquireRequest, LockBackend, LockKey, MemoryBackend, OwnerId};
+/// use std::time::Duration;
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> leaselock::Result<()> {
+/// let backend = MemoryBackend::new();
+/// backend.init_storage().await?;
+/// let req = AcquireRequest::new(LockKey::new("job")?, OwnerId::new("me")?, Duration::from_secs(5))?;
+/// let AcquireOutcome::Acquired(lease) = backend.try_acquire(&req).await? else { panic!() };
+/// assert!(backend.verify(&lease).await?);
+/// assert!(backend.release(&lease).await?);
+/// # Ok(()) }
+/// ```
+#[async_trait]
+pub trait LockBackend: Send + Sync + Debug {
+    /// What this backend can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Creates the storage (table, collection, counters) if missing. Idempotent, and safe when many
+    /// processes run it at once.
+    async fn init_storage(&self) -> Result<()>;
+
+    /// Pre-flight check: the storage is reachable, initialized and usable. Fails with
+    /// [`crate::Error::NotInitialized`] or [`crate::Error::NotAccessible`] naming what is missing.
+    async fn check_storage(&self) -> Result<()>;
+
+    /// One attempt to acquire; never waits. A key held by anyone, the same owner included, is
+    /// [`AcquireOutcome::Held`]: locks are not reentrant.
+    async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome>;
+
+    /// Extends a lease still held by its owner by its lease duration, returning the new lease.
+    /// Fails with [`crate::Error::Lost`] when the lease is gone. Session locks check that their
+    /// session is alive and unchanged.
+    async fn refresh(&self, lease: &Lease) -> Result<Lease>;
+
+    /// Whether `lease` (its owner and fencing token) still holds its key and has not expired.
+    async fn verify(&self, lease: &Lease) -> Result<bool>;
+
+    /// Releases `lease` if it still holds its key. Returns whether it did; releasing a lost lease
+    /// returns `false` and changes nothing.
+    async fn release(&self, lease: &Lease) -> Result<bool>;
+
+    /// The state of a key.
+    async fn status(&self, key: &LockKey) -> Result<LockState>;
+
+    /// Every lock currently held (not expired), in key order.
+    async fn list(&self) -> Result<Vec<LockInfo>>;
+
+    /// Releases a key whoever holds it. Returns the holder it removed, if any. The fencing
+    /// counter is kept.
+    async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>>;
+
+    /// Releases every expired lease. Returns how many. Fencing counters are kept.
+    async fn release_expired(&self) -> Result<u64>;
+
+    /// Starts watching `key` for a release, before an acquisition attempt; the orchestrator awaits
+    /// the returned future (racing its retry delay) after a failed attempt, so a waiter is woken
+    /// in milliseconds. Backends without release notifications return `Ok(None)` and waiters poll.
+    async fn watch_release(&self, key: &LockKey) -> Result<Option<Wakeup>>;
+
+    /// A future that resolves when the backend learns, without being asked, that `lease` is gone
+    /// (a session lock's connection dropped or was killed). `None` when the backend cannot tell;
+    /// the refresh daemon then finds out at its next refresh or at the local deadline.
+    fn watch_lost(&self, lease: &Lease) -> Option<Wakeup>;
+}
+
+#[deny(clippy::missing_trait_methods)]
+#[async_trait]
+impl<B: LockBackend + ?Sized> LockBackend for Arc<B> {
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+    async fn init_storage(&self) -> Result<()> {
+        (**self).init_storage().await
+    }
+    async fn check_storage(&self) -> Result<()> {
+        (**self).check_storage().await
+    }
+    async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
+        (**self).try_acquire(request).await
+    }
+    async fn refresh(&self, lease: &Lease) -> Result<Lease> {
+        (**self).refresh(lease).await
+    }
+    async fn verify(&self, lease: &Lease) -> Result<bool> {
+        (**self).verify(lease).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<bool> {
+        (**self).release(lease).await
+    }
+    async fn status(&self, key: &LockKey) -> Result<LockState> {
+        (**self).status(key).await
+    }
+    async fn list(&self) -> Result<Vec<LockInfo>> {
+        (**self).list().await
+    }
+    async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+        (**self).force_release(key).await
+    }
+    async fn release_expired(&self) -> Result<u64> {
+        (**self).release_expired().await
+    }
+    async fn watch_release(&self, key: &LockKey) -> Result<Option<Wakeup>> {
+        (**self).watch_release(key).await
+    }
+    fn watch_lost(&self, lease: &Lease) -> Option<Wakeup> {
+        (**self).watch_lost(lease)
+    }
+}

@@ -1,0 +1,164 @@
+//! The one error type of leaselock.
+
+use crate::types::{LockInfo, LockKey};
+
+/// A boxed error from a driver or a hook.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with leaselock's [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong, for every backend.
+///
+/// Ask [`Error::is_retryable`] whether trying again later can help; retry code never needs to know
+/// database error codes.
+///
+/// ```
+/// use leaselock::{Error, LockKey};
+/// let err = LockKey::new("").unwrap_err();
+/// assert!(matches!(err, Error::InvalidInput { field: "key", .. }));
+/// assert!(!err.is_retryable());
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An argument or a configuration value is invalid. Nothing was changed.
+    #[error("invalid {field}: {reason}")]
+    InvalidInput {
+        /// The field or argument at fault (`key`, `lease_duration`, `table`, ...).
+        field: &'static str,
+        /// Why it is invalid.
+        reason: String,
+    },
+
+    /// The lock is held by another owner (or by another acquisition of the same owner: locks are
+    /// not reentrant).
+    #[error("lock `{key}` is held{}", holder_suffix(.holder))]
+    Held {
+        /// The key asked for.
+        key: LockKey,
+        /// The holder, when the backend could tell.
+        holder: Option<Box<LockInfo>>,
+    },
+
+    /// The lease was lost: it expired, was force-released, taken over, or its session ended.
+    #[error("lease on `{key}` was lost: {reason}")]
+    Lost {
+        /// The key whose lease was lost.
+        key: LockKey,
+        /// What happened.
+        reason: String,
+    },
+
+    /// The storage (table, collection) does not exist yet: call `init_storage` first.
+    #[error("{backend}: storage is not initialized: {what}")]
+    NotInitialized {
+        /// The backend's name.
+        backend: &'static str,
+        /// What is missing.
+        what: String,
+    },
+
+    /// The storage cannot be reached or used (connection refused, permission denied, ...).
+    #[error("{backend}: storage is not accessible: {what}")]
+    NotAccessible {
+        /// The backend's name.
+        backend: &'static str,
+        /// What is missing or failing, in words for an operator.
+        what: String,
+        /// The driver's error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// The backend failed in another way.
+    #[error("{backend}: {source}")]
+    Backend {
+        /// The backend's name.
+        backend: &'static str,
+        /// Whether trying again later may succeed (connection reset, deadlock, busy database).
+        retryable: bool,
+        /// The driver's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+fn holder_suffix(holder: &Option<Box<LockInfo>>) -> String {
+    match holder {
+        Some(info) => format!(" by {info}"),
+        None => String::new(),
+    }
+}
+
+impl Error {
+    /// An [`Error::InvalidInput`] for `field`.
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::Backend`] that may succeed when tried again.
+    pub fn transient(backend: &'static str, source: impl Into<BoxError>) -> Self {
+        Error::Backend {
+            backend,
+            retryable: true,
+            source: source.into(),
+        }
+    }
+
+    /// An [`Error::Backend`] that will fail again the same way.
+    pub fn permanent(backend: &'static str, source: impl Into<BoxError>) -> Self {
+        Error::Backend {
+            backend,
+            retryable: false,
+            source: source.into(),
+        }
+    }
+
+    /// An [`Error::Lost`] for `key`.
+    pub fn lost(key: &LockKey, reason: impl Into<String>) -> Self {
+        Error::Lost {
+            key: key.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Whether the operation may succeed if tried again later: transient backend failures and
+    /// unreachable storage. Invalid input, a lost lease and missing storage are permanent; a held
+    /// lock is a normal outcome that waiting (not retrying) resolves.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Backend { retryable, .. } => *retryable,
+            Error::NotAccessible { .. } => true,
+            Error::InvalidInput { .. }
+            | Error::Held { .. }
+            | Error::Lost { .. }
+            | Error::NotInitialized { .. } => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{FencingToken, OwnerId};
+
+    #[test]
+    fn display_and_classification() {
+        let key = LockKey::new("k").unwrap();
+        let info = LockInfo::new(key.clone(), OwnerId::new("o").unwrap(), FencingToken::new(4));
+        let held = Error::Held {
+            key: key.clone(),
+            holder: Some(Box::new(info)),
+        };
+        assert_eq!(held.to_string(), "lock `k` is held by `o` (fencing token 4)");
+        assert!(!held.is_retryable());
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(Error::transient("x", io).is_retryable());
+        assert!(!Error::permanent("x", "bad").is_retryable());
+        assert!(!Error::lost(&key, "expired").is_retryable());
+    }
+}

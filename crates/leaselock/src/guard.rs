@@ -1,0 +1,444 @@
+//! The guard of a held lock, its lost-lease signal and its refresh daemon.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::backend::{LockBackend, Wakeup};
+use crate::error::{Error, Result};
+use crate::hooks::{call_hook, LockHooks, Operation};
+use crate::types::{FencingToken, Lease, LockKey, OwnerId};
+
+/// Fires once when a held lease is lost. Clone it freely; await [`LostSignal::wait`] in a
+/// `tokio::select!` beside the work, or poll [`LostSignal::is_lost`] between steps.
+///
+/// It fires when the refresh daemon's refresh finds the lease gone, when the local deadline (the
+/// lease duration, measured from before the last successful acquire or refresh was sent) passes
+/// without a successful refresh (even if the database is unreachable), when a session backend sees
+/// its connection end, or when [`LockContext::ensure_held`] finds the lease gone. It never fires
+/// after a normal release.
+#[derive(Clone)]
+pub struct LostSignal {
+    rx: watch::Receiver<Option<Arc<str>>>,
+}
+
+impl fmt::Debug for LostSignal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LostSignal")
+            .field("lost", &self.reason())
+            .finish()
+    }
+}
+
+impl LostSignal {
+    /// Whether the lease has been lost.
+    pub fn is_lost(&self) -> bool {
+        self.rx.borrow().is_some()
+    }
+
+    /// Why the lease was lost, once it has been.
+    pub fn reason(&self) -> Option<String> {
+        self.rx.borrow().as_deref().map(str::to_owned)
+    }
+
+    /// Resolves with the reason when the lease is lost; never resolves if it is released
+    /// normally.
+    pub async fn wait(&self) -> String {
+        let mut rx = self.rx.clone();
+        let outcome = rx.wait_for(Option::is_some).await.map(|r| r.as_deref().map(str::to_owned));
+        match outcome {
+            Ok(Some(reason)) => reason,
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// A signal that never fires (for a disabled locker).
+    fn never() -> Self {
+        // The sender is dropped at once: `is_lost` stays false and `wait` pends forever.
+        let (_tx, rx) = watch::channel(None);
+        Self { rx }
+    }
+}
+
+/// State shared by a guard, its contexts and its refresh daemon.
+pub(crate) struct Held {
+    pub(crate) backend: Arc<dyn LockBackend>,
+    pub(crate) hooks: Arc<dyn LockHooks>,
+    lease: Mutex<Lease>,
+    lost_tx: watch::Sender<Option<Arc<str>>>,
+    /// The local deadline after which the lease counts as lost without a successful refresh.
+    deadline: Mutex<Option<Instant>>,
+    released: AtomicBool,
+}
+
+impl Held {
+    pub(crate) fn lease(&self) -> Lease {
+        self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        *self.deadline.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the lease lost (once), telling the hooks and the work.
+    async fn mark_lost(&self, reason: &str) {
+        let first = self.lost_tx.send_if_modified(|state| {
+            if state.is_some() {
+                return false;
+            }
+            *state = Some(Arc::from(reason));
+            true
+        });
+        if first {
+            let lease = self.lease();
+            tracing::warn!(key = %lease.key, token = %lease.token, reason, "lease lost");
+            call_hook("lease_lost", self.hooks.lease_lost(&lease, reason)).await;
+        }
+    }
+
+    fn is_lost(&self) -> bool {
+        self.lost_tx.borrow().is_some()
+    }
+}
+
+/// A cheap, clonable view of a held lock, handed to the work in [`crate::Locker::run`].
+///
+/// ```
+/// use leaselock::{Locker, MemoryBackend};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> leaselock::Result<()> {
+/// let locker = Locker::builder(MemoryBackend::new()).build()?;
+/// locker
+///     .run("nightly-report", |lock| async move {
+///         lock.ensure_held().await?; // before each write the work makes
+///         println!("writing with fencing token {}", lock.token());
+///         Ok::<_, leaselock::Error>(())
+///     })
+///     .await?
+///     .expect("the default policy errors instead of returning None")?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct LockContext {
+    key: LockKey,
+    owner: OwnerId,
+    token: FencingToken,
+    held: Option<Arc<Held>>,
+    lost: LostSignal,
+}
+
+impl fmt::Debug for LockContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockContext")
+            .field("key", &self.key)
+            .field("owner", &self.owner)
+            .field("token", &self.token)
+            .field("locked", &self.held.is_some())
+            .field("lost", &self.lost.is_lost())
+            .finish()
+    }
+}
+
+impl LockContext {
+    /// The key held.
+    pub fn key(&self) -> &LockKey {
+        &self.key
+    }
+
+    /// The owner holding it.
+    pub fn owner(&self) -> &OwnerId {
+        &self.owner
+    }
+
+    /// The fencing token of this acquisition. Zero when the locker is disabled (no lock held).
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// Whether a lock is really held: `false` when the locker is disabled.
+    pub fn is_locked(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// The current lease (its expiry moves with every refresh); `None` when disabled.
+    pub fn lease(&self) -> Option<Lease> {
+        self.held.as_ref().map(|h| h.lease())
+    }
+
+    /// The signal that fires when the lease is lost.
+    pub fn lost(&self) -> &LostSignal {
+        &self.lost
+    }
+
+    /// Whether the lease is known to be lost.
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_lost()
+    }
+
+    /// Checks with the backend that the lock is still held (the lock guardian to call before each
+    /// database access of the work). Fails with [`Error::Lost`] (and fires the lost signal) when it
+    /// is not, or when the local deadline has passed.
+    pub async fn ensure_held(&self) -> Result<()> {
+        let Some(held) = &self.held else {
+            return Ok(());
+        };
+        if let Some(reason) = self.lost.reason() {
+            return Err(Error::lost(&self.key, reason));
+        }
+        if held.deadline().is_some_and(|d| Instant::now() >= d) {
+            let reason = "the lease duration passed without a successful refresh";
+            held.mark_lost(reason).await;
+            return Err(Error::lost(&self.key, reason));
+        }
+        let lease = held.lease();
+        match held.backend.verify(&lease).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                let reason = "the backend no longer has this lease";
+                held.mark_lost(reason).await;
+                Err(Error::lost(&self.key, reason))
+            }
+            Err(error) => {
+                call_hook(
+                    "error",
+                    held.hooks.error(Operation::Verify, Some(&self.key), &error),
+                )
+                .await;
+                Err(error)
+            }
+        }
+    }
+}
+
+/// A held lock. Release it with [`LockGuard::release`]; dropping it releases in the background on
+/// a best-effort basis (a drop cannot wait or report errors, so prefer an explicit release, or
+/// [`crate::Locker::run`], which always releases).
+///
+/// Dereferences to its [`LockContext`]: `guard.token()`, `guard.lost()`, `guard.ensure_held()`.
+pub struct LockGuard {
+    ctx: LockContext,
+    daemon: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard").field("ctx", &self.ctx).finish()
+    }
+}
+
+impl std::ops::Deref for LockGuard {
+    type Target = LockContext;
+    fn deref(&self) -> &LockContext {
+        &self.ctx
+    }
+}
+
+/// How the daemon keeps a lease alive.
+pub(crate) struct DaemonConfig {
+    /// Refresh every this often; `None`: no refreshing, only watch the deadline and the session.
+    pub(crate) refresh_every: Option<Duration>,
+}
+
+impl LockGuard {
+    pub(crate) fn disabled(key: LockKey, owner: OwnerId) -> Self {
+        Self {
+            ctx: LockContext {
+                key,
+                owner,
+                token: FencingToken::new(0),
+                held: None,
+                lost: LostSignal::never(),
+            },
+            daemon: None,
+        }
+    }
+
+    /// Starts guarding `lease`, acquired with a request sent at `sent_at`.
+    pub(crate) fn start(
+        backend: Arc<dyn LockBackend>,
+        hooks: Arc<dyn LockHooks>,
+        lease: Lease,
+        sent_at: Instant,
+        daemon: DaemonConfig,
+    ) -> Self {
+        let deadline = lease.ttl.map(|ttl| sent_at + ttl);
+        let (lost_tx, rx) = watch::channel(None);
+        let lost_watch = backend.watch_lost(&lease);
+        let held = Arc::new(Held {
+            backend,
+            hooks,
+            lease: Mutex::new(lease.clone()),
+            lost_tx,
+            deadline: Mutex::new(deadline),
+            released: AtomicBool::new(false),
+        });
+        let needs_daemon = deadline.is_some() || lost_watch.is_some() || daemon.refresh_every.is_some();
+        let handle = needs_daemon.then(|| {
+            tokio::spawn(run_daemon(
+                Arc::clone(&held),
+                daemon.refresh_every,
+                lost_watch.unwrap_or_else(|| Box::pin(std::future::pending())),
+            ))
+        });
+        Self {
+            ctx: LockContext {
+                key: lease.key.clone(),
+                owner: lease.owner.clone(),
+                token: lease.token,
+                held: Some(held),
+                lost: LostSignal { rx },
+            },
+            daemon: handle,
+        }
+    }
+
+    /// A clonable view of this lock for the work.
+    pub fn context(&self) -> LockContext {
+        self.ctx.clone()
+    }
+
+    /// Stops refreshing and releases the lock. Returns whether it was still held (`false` when the
+    /// lease had been lost; then nothing is changed). A disabled locker's guard returns `true`.
+    pub async fn release(mut self) -> Result<bool> {
+        self.stop_daemon();
+        let Some(held) = self.ctx.held.clone() else {
+            return Ok(true);
+        };
+        held.released.store(true, Ordering::SeqCst);
+        release_held(&held).await
+    }
+
+    fn stop_daemon(&mut self) {
+        if let Some(daemon) = self.daemon.take() {
+            daemon.abort();
+        }
+    }
+}
+
+async fn release_held(held: &Held) -> Result<bool> {
+    let lease = held.lease();
+    call_hook("before_release", held.hooks.before_release(&lease)).await;
+    match held.backend.release(&lease).await {
+        Ok(was_held) => {
+            if was_held {
+                tracing::debug!(key = %lease.key, token = %lease.token, "lock released");
+            } else {
+                tracing::warn!(key = %lease.key, token = %lease.token, "released a lease that was no longer held");
+            }
+            call_hook("released", held.hooks.released(&lease, was_held)).await;
+            Ok(was_held)
+        }
+        Err(error) => {
+            tracing::warn!(key = %lease.key, %error, "release failed; the lease will expire on its own");
+            call_hook(
+                "error",
+                held.hooks.error(Operation::Release, Some(&lease.key), &error),
+            )
+            .await;
+            Err(error)
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.stop_daemon();
+        let Some(held) = self.ctx.held.take() else {
+            return;
+        };
+        if held.released.swap(true, Ordering::SeqCst) || held.is_lost() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                tracing::debug!(key = %self.ctx.key, "lock guard dropped without release; releasing in the background");
+                runtime.spawn(async move {
+                    let _ = release_held(&held).await;
+                });
+            }
+            Err(_) => tracing::warn!(
+                key = %self.ctx.key,
+                "lock guard dropped outside a runtime; the lease will expire on its own"
+            ),
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+const DEADLINE_REASON: &str = "the lease duration passed without a successful refresh";
+const SESSION_REASON: &str = "the backend reported the lease gone (session ended)";
+
+/// Keeps a lease alive until aborted or lost.
+async fn run_daemon(held: Arc<Held>, refresh_every: Option<Duration>, mut lost_watch: Wakeup) {
+    let mut next_refresh = refresh_every.map(|every| Instant::now() + every);
+    loop {
+        let deadline = held.deadline();
+        tokio::select! {
+            _ = &mut lost_watch => {
+                held.mark_lost(SESSION_REASON).await;
+                return;
+            }
+            _ = sleep_until_opt(deadline) => {
+                held.mark_lost(DEADLINE_REASON).await;
+                return;
+            }
+            _ = sleep_until_opt(next_refresh) => {}
+        }
+        let Some(every) = refresh_every else { continue };
+        let lease = held.lease();
+        let sent_at = Instant::now();
+        let outcome = tokio::select! {
+            outcome = held.backend.refresh(&lease) => outcome,
+            _ = &mut lost_watch => {
+                held.mark_lost(SESSION_REASON).await;
+                return;
+            }
+            _ = sleep_until_opt(deadline) => {
+                held.mark_lost(DEADLINE_REASON).await;
+                return;
+            }
+        };
+        match outcome {
+            Ok(fresh) => {
+                tracing::trace!(key = %fresh.key, "lease refreshed");
+                *held.deadline.lock().unwrap_or_else(|p| p.into_inner()) =
+                    fresh.ttl.map(|ttl| sent_at + ttl);
+                *held.lease.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+                next_refresh = Some(Instant::now() + every);
+            }
+            Err(Error::Lost { reason, .. }) => {
+                held.mark_lost(&reason).await;
+                return;
+            }
+            Err(error) => {
+                // Transient or not, the deadline decides: keep trying a few times before it.
+                let retry_in = (every / 4).max(Duration::from_millis(50));
+                tracing::warn!(key = %lease.key, %error, ?retry_in, "lease refresh failed; retrying");
+                call_hook(
+                    "error",
+                    held.hooks.error(Operation::Refresh, Some(&lease.key), &error),
+                )
+                .await;
+                next_refresh = Some(Instant::now() + retry_in);
+            }
+        }
+    }
+}
+
+/// Runs `work`, reporting a panic as `Err(payload)`.
+pub(crate) async fn catch_panic<T>(
+    work: impl Future<Output = T>,
+) -> std::result::Result<T, Box<dyn std::any::Any + Send>> {
+    crate::unwind::CatchUnwind::new(std::panic::AssertUnwindSafe(work)).await
+}

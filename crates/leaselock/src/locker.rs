@@ -1,0 +1,504 @@
+//! The orchestrator: waiting, two-phase acquisition, hooks, refreshing and run-under-lock.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::backend::LockBackend;
+use crate::config::{OnUnavailable, WaitPolicy};
+use crate::error::{Error, Result};
+use crate::guard::{catch_panic, DaemonConfig, LockContext, LockGuard};
+use crate::hooks::{call_hook, LockHooks, NoHooks, Operation};
+use crate::types::{
+    validate_lease_duration, AcquireOutcome, AcquireRequest, Capabilities, LockInfo, LockKey,
+    LockState, OwnerId,
+};
+
+/// The default lease duration: 60 seconds.
+pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(60);
+
+/// Builds a [`Locker`]. Every setting has a documented default; [`LockerBuilder::build`] checks
+/// them all and names the field at fault.
+///
+/// ```
+/// use std::time::Duration;
+/// use leaselock::{Locker, MemoryBackend, OnUnavailable, WaitPolicy};
+/// let locker = Locker::builder(MemoryBackend::new())
+///     .lease_duration(Duration::from_secs(30))
+///     .wait(WaitPolicy::until(Duration::from_secs(120), Duration::from_secs(1)))
+///     .on_unavailable(OnUnavailable::ReturnNone)
+///     .build()?;
+/// assert_eq!(locker.lease_duration(), Duration::from_secs(30));
+///
+/// let err = Locker::builder(MemoryBackend::new())
+///     .lease_duration(Duration::from_secs(10))
+///     .refresh_interval(Duration::from_secs(10))
+///     .build()
+///     .unwrap_err();
+/// assert!(matches!(err, leaselock::Error::InvalidInput { field: "refresh_interval", .. }));
+/// # Ok::<(), leaselock::Error>(())
+/// ```
+#[must_use = "call .build() to get a Locker"]
+pub struct LockerBuilder {
+    backend: Arc<dyn LockBackend>,
+    enabled: bool,
+    lease_duration: Duration,
+    refresh: bool,
+    refresh_interval: Option<Duration>,
+    wait: WaitPolicy,
+    on_unavailable: OnUnavailable,
+    verify_after_acquire: bool,
+    hooks: Arc<dyn LockHooks>,
+    owner: Option<OwnerId>,
+    owner_error: Option<Error>,
+}
+
+impl fmt::Debug for LockerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockerBuilder")
+            .field("backend", &self.backend)
+            .field("enabled", &self.enabled)
+            .field("lease_duration", &self.lease_duration)
+            .field("refresh", &self.refresh)
+            .field("refresh_interval", &self.refresh_interval)
+            .field("wait", &self.wait)
+            .field("on_unavailable", &self.on_unavailable)
+            .field("verify_after_acquire", &self.verify_after_acquire)
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LockerBuilder {
+    /// Whether locking is on. Default: `true`. A disabled locker runs the work without any lock
+    /// and logs a warning every time it does.
+    pub fn enabled(mut self, enabled: bool) -> Self {
+        self.enabled = enabled;
+        self
+    }
+
+    /// How long a lease lasts without a refresh. Default: 60 s ([`DEFAULT_LEASE_DURATION`]).
+    /// Between 10 ms and one year. Session-lock backends hold the lock as long as their session
+    /// instead, and use this only to pace their liveness checks.
+    pub fn lease_duration(mut self, lease_duration: Duration) -> Self {
+        self.lease_duration = lease_duration;
+        self
+    }
+
+    /// Whether a background task refreshes held leases. Default: `true`. Without it, a lease
+    /// lasts one lease duration and the work must finish in that time (its lost signal still fires
+    /// at the deadline).
+    pub fn refresh(mut self, refresh: bool) -> Self {
+        self.refresh = refresh;
+        self
+    }
+
+    /// How often the refresh daemon extends a lease. Default: a third of the lease duration, so
+    /// two refreshes can fail before the lease runs out. Must be shorter than the lease duration.
+    pub fn refresh_interval(mut self, refresh_interval: Duration) -> Self {
+        self.refresh_interval = Some(refresh_interval);
+        self
+    }
+
+    /// How long to keep trying while someone else holds the lock. Default:
+    /// [`WaitPolicy::fail_fast`].
+    pub fn wait(mut self, wait: WaitPolicy) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// What to return when the lock stays held. Default: [`OnUnavailable::Error`].
+    pub fn on_unavailable(mut self, on_unavailable: OnUnavailable) -> Self {
+        self.on_unavailable = on_unavailable;
+        self
+    }
+
+    /// Two-phase acquisition: after acquiring, ask the backend again whether the lease is ours
+    /// before handing it out. Default: `false`, because every leaselock backend's acquire returns
+    /// its ownership proof atomically in the same round trip; turn it on to pay one more round
+    /// trip for a second check (the behaviour of some migration runners).
+    pub fn verify_after_acquire(mut self, verify: bool) -> Self {
+        self.verify_after_acquire = verify;
+        self
+    }
+
+    /// Lifecycle hooks. Default: [`NoHooks`].
+    pub fn hooks(mut self, hooks: impl LockHooks + 'static) -> Self {
+        self.hooks = Arc::new(hooks);
+        self
+    }
+
+    /// Hooks shared with other lockers.
+    pub fn shared_hooks(mut self, hooks: Arc<dyn LockHooks>) -> Self {
+        self.hooks = hooks;
+        self
+    }
+
+    /// The owner id this locker acquires as. Default: [`OwnerId::generate`] (`host-pid-uuid`),
+    /// fresh for each locker.
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        match OwnerId::new(owner) {
+            Ok(owner) => {
+                self.owner = Some(owner);
+                self.owner_error = None;
+            }
+            Err(error) => self.owner_error = Some(error),
+        }
+        self
+    }
+
+    /// Checks every setting and builds the locker.
+    pub fn build(self) -> Result<Locker> {
+        if let Some(error) = self.owner_error {
+            return Err(error);
+        }
+        let lease_duration = validate_lease_duration("lease_duration", self.lease_duration)?;
+        let refresh_interval = match self.refresh_interval {
+            Some(interval) => {
+                if interval.is_zero() || interval >= lease_duration {
+                    return Err(Error::invalid(
+                        "refresh_interval",
+                        format!(
+                            "{interval:?} must be above zero and shorter than the lease duration {lease_duration:?}"
+                        ),
+                    ));
+                }
+                interval
+            }
+            None => lease_duration / 3,
+        };
+        self.wait.validate()?;
+        let capabilities = self.backend.capabilities();
+        Ok(Locker {
+            inner: Arc::new(Inner {
+                backend: self.backend,
+                capabilities,
+                enabled: self.enabled,
+                lease_duration,
+                refresh: self.refresh,
+                refresh_interval,
+                wait: self.wait,
+                on_unavailable: self.on_unavailable,
+                verify_after_acquire: self.verify_after_acquire,
+                hooks: self.hooks,
+                owner: self.owner.unwrap_or_else(OwnerId::generate),
+            }),
+        })
+    }
+}
+
+/// The orchestrator over one backend: acquires with waiting, verification and hooks, keeps leases
+/// refreshed, runs work under a lock, and exposes the operator's operations (status, list, force
+/// release). Cheap to clone; clones share configuration and owner id.
+///
+/// ```
+/// use std::time::Duration;
+/// use leaselock::{Locker, MemoryBackend, WaitPolicy};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> leaselock::Result<()> {
+/// let locker = Locker::builder(MemoryBackend::new())
+///     .wait(WaitPolicy::until(Duration::from_secs(10), Duration::from_millis(100)))
+///     .build()?;
+/// let guard = locker.acquire("migrations").await?.expect("waits, then errors; never None here");
+/// println!("holding with fencing token {}", guard.token());
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Locker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Arc<dyn LockBackend>,
+    capabilities: Capabilities,
+    enabled: bool,
+    lease_duration: Duration,
+    refresh: bool,
+    refresh_interval: Duration,
+    wait: WaitPolicy,
+    on_unavailable: OnUnavailable,
+    verify_after_acquire: bool,
+    hooks: Arc<dyn LockHooks>,
+    owner: OwnerId,
+}
+
+impl fmt::Debug for Locker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.inner;
+        f.debug_struct("Locker")
+            .field("backend", &i.backend)
+            .field("enabled", &i.enabled)
+            .field("lease_duration", &i.lease_duration)
+            .field("refresh", &i.refresh)
+            .field("refresh_interval", &i.refresh_interval)
+            .field("wait", &i.wait)
+            .field("on_unavailable", &i.on_unavailable)
+            .field("verify_after_acquire", &i.verify_after_acquire)
+            .field("owner", &i.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Locker {
+    /// Starts configuring a locker over `backend` (any [`LockBackend`], or an
+    /// `Arc<dyn LockBackend>` shared with others).
+    pub fn builder(backend: impl LockBackend + 'static) -> LockerBuilder {
+        LockerBuilder {
+            backend: Arc::new(backend),
+            enabled: true,
+            lease_duration: DEFAULT_LEASE_DURATION,
+            refresh: true,
+            refresh_interval: None,
+            wait: WaitPolicy::default(),
+            on_unavailable: OnUnavailable::default(),
+            verify_after_acquire: false,
+            hooks: Arc::new(NoHooks),
+            owner: None,
+            owner_error: None,
+        }
+    }
+
+    /// The owner id this locker acquires as.
+    pub fn owner(&self) -> &OwnerId {
+        &self.inner.owner
+    }
+
+    /// The configured lease duration.
+    pub fn lease_duration(&self) -> Duration {
+        self.inner.lease_duration
+    }
+
+    /// The backend's capabilities.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.inner.capabilities
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn LockBackend> {
+        &self.inner.backend
+    }
+
+    /// Creates the backend's storage if missing (idempotent; safe from many processes at once).
+    pub async fn init_storage(&self) -> Result<()> {
+        let outcome = self.inner.backend.init_storage().await;
+        self.report(Operation::InitStorage, None, outcome).await
+    }
+
+    /// Pre-flight check that storage is reachable and initialized.
+    pub async fn check_storage(&self) -> Result<()> {
+        let outcome = self.inner.backend.check_storage().await;
+        self.report(Operation::CheckStorage, None, outcome).await
+    }
+
+    /// Acquires `key`, waiting as configured.
+    ///
+    /// Returns `Ok(Some(guard))` when acquired; when the lock stays held, `Err(Error::Held)` or,
+    /// with [`OnUnavailable::ReturnNone`], `Ok(None)`. A disabled locker returns a guard that holds
+    /// nothing (token zero) after logging a warning.
+    pub async fn acquire(&self, key: impl AsRef<str>) -> Result<Option<LockGuard>> {
+        let key = LockKey::new(key.as_ref())?;
+        let i = &self.inner;
+        if !i.enabled {
+            tracing::warn!(%key, "locking is DISABLED: running without a lock");
+            return Ok(Some(LockGuard::disabled(key, i.owner.clone())));
+        }
+        let request = AcquireRequest::new(key.clone(), i.owner.clone(), i.lease_duration)?;
+        call_hook("before_acquire", i.hooks.before_acquire(&key, &i.owner)).await;
+        let started = Instant::now();
+        let mut attempt: u32 = 1;
+        loop {
+            let may_wait = i.wait != WaitPolicy::fail_fast();
+            let wakeup = if may_wait {
+                i.backend.watch_release(&key).await.unwrap_or_else(|error| {
+                    tracing::debug!(%key, %error, "release notifications unavailable; polling");
+                    None
+                })
+            } else {
+                None
+            };
+            let sent_at = Instant::now();
+            let (holder, failure) = match i.backend.try_acquire(&request).await {
+                Ok(AcquireOutcome::Acquired(lease)) => {
+                    if i.verify_after_acquire {
+                        self.verify_fresh(&lease).await?;
+                    }
+                    tracing::debug!(%key, token = %lease.token, "lock acquired");
+                    call_hook("acquired", i.hooks.acquired(&lease)).await;
+                    let refresh_every = i.refresh.then_some(i.refresh_interval);
+                    return Ok(Some(LockGuard::start(
+                        Arc::clone(&i.backend),
+                        Arc::clone(&i.hooks),
+                        lease,
+                        sent_at,
+                        DaemonConfig { refresh_every },
+                    )));
+                }
+                Ok(AcquireOutcome::Held(holder)) => (holder, None),
+                Err(error) => {
+                    call_hook("error", i.hooks.error(Operation::Acquire, Some(&key), &error)).await;
+                    if !error.is_retryable() {
+                        return Err(error);
+                    }
+                    tracing::warn!(%key, %error, attempt, "acquisition attempt failed");
+                    (None, Some(error))
+                }
+            };
+            match i.wait.next_delay(attempt, started.into_std()) {
+                Some(delay) => {
+                    tracing::debug!(%key, attempt, ?delay, holder = ?holder.as_ref().map(|h| h.owner.as_str()), "lock held; waiting");
+                    call_hook("retry", i.hooks.retry(&key, attempt, holder.as_ref())).await;
+                    let wakeup = match failure {
+                        // After an error, back off the full delay rather than spin on wake-ups.
+                        Some(_) => None,
+                        None => wakeup,
+                    };
+                    match wakeup {
+                        Some(wakeup) => {
+                            tokio::select! {
+                                _ = tokio::time::sleep(delay) => {}
+                                _ = wakeup => {}
+                            }
+                        }
+                        None => tokio::time::sleep(delay).await,
+                    }
+                    attempt = attempt.saturating_add(1);
+                }
+                None => {
+                    if let Some(error) = failure {
+                        return Err(error);
+                    }
+                    tracing::info!(%key, attempt, holder = ?holder.as_ref().map(|h| h.owner.as_str()), "lock unavailable");
+                    call_hook(
+                        "acquisition_failed",
+                        i.hooks.acquisition_failed(&key, holder.as_ref()),
+                    )
+                    .await;
+                    return match i.on_unavailable {
+                        OnUnavailable::ReturnNone => Ok(None),
+                        OnUnavailable::Error => Err(Error::Held {
+                            key,
+                            holder: holder.map(Box::new),
+                        }),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Phase two of a two-phase acquisition.
+    async fn verify_fresh(&self, lease: &crate::Lease) -> Result<()> {
+        let i = &self.inner;
+        let verified = match i.backend.verify(lease).await {
+            Ok(verified) => verified,
+            Err(error) => {
+                call_hook("error", i.hooks.error(Operation::Verify, Some(&lease.key), &error)).await;
+                let _ = i.backend.release(lease).await;
+                return Err(error);
+            }
+        };
+        if verified {
+            return Ok(());
+        }
+        tracing::error!(key = %lease.key, token = %lease.token, "ownership verification after acquire failed");
+        call_hook("verification_failed", i.hooks.verification_failed(lease)).await;
+        Err(Error::lost(
+            &lease.key,
+            "ownership verification right after acquiring failed",
+        ))
+    }
+
+    /// Runs `work` under the lock on `key`: acquires (waiting as configured), runs, and always
+    /// releases, also when the work fails or panics (the panic then continues after the release).
+    ///
+    /// The work receives a [`LockContext`] with the fencing token, a lost-lease signal and
+    /// [`LockContext::ensure_held`]. If the lease is lost while the work runs, the work is told
+    /// through that signal, and this call returns [`Error::Lost`] once the work has returned
+    /// (its output is discarded: it ran without the lock for a while). Returns `Ok(None)` only
+    /// when the lock stayed held and [`OnUnavailable::ReturnNone`] is configured.
+    ///
+    /// ```
+    /// use leaselock::{Locker, MemoryBackend};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> leaselock::Result<()> {
+    /// let locker = Locker::builder(MemoryBackend::new()).build()?;
+    /// let applied = locker
+    ///     .run("schema-migrations", |lock| async move {
+    ///         tokio::select! {
+    ///             reason = lock.lost().wait() => Err(reason),
+    ///             n = async { /* apply migrations */ 3 } => Ok(n),
+    ///         }
+    ///     })
+    ///     .await?;
+    /// assert_eq!(applied, Some(Ok(3)));
+    /// # Ok(()) }
+    /// ```
+    pub async fn run<F, Fut, T>(&self, key: impl AsRef<str>, work: F) -> Result<Option<T>>
+    where
+        F: FnOnce(LockContext) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let Some(guard) = self.acquire(key).await? else {
+            return Ok(None);
+        };
+        let ctx = guard.context();
+        let outcome = catch_panic(work(ctx.clone())).await;
+        let lost = ctx.lost().reason();
+        let released = guard.release().await;
+        match outcome {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(_) if lost.is_some() => Err(Error::lost(
+                ctx.key(),
+                lost.unwrap_or_default(),
+            )),
+            Ok(value) => {
+                if let Err(error) = released {
+                    tracing::warn!(key = %ctx.key(), %error, "the work finished but its lock could not be released; it will expire");
+                }
+                Ok(Some(value))
+            }
+        }
+    }
+
+    /// The state of `key`.
+    pub async fn status(&self, key: impl AsRef<str>) -> Result<LockState> {
+        let key = LockKey::new(key.as_ref())?;
+        let outcome = self.inner.backend.status(&key).await;
+        self.report(Operation::Status, Some(&key), outcome).await
+    }
+
+    /// Every lock held now.
+    pub async fn list(&self) -> Result<Vec<LockInfo>> {
+        let outcome = self.inner.backend.list().await;
+        self.report(Operation::List, None, outcome).await
+    }
+
+    /// Breaks the lock on `key` whoever holds it (for operators: a crashed holder's lock that
+    /// will not expire soon). Returns the holder removed, if any.
+    pub async fn force_release(&self, key: impl AsRef<str>) -> Result<Option<LockInfo>> {
+        let key = LockKey::new(key.as_ref())?;
+        let outcome = self.inner.backend.force_release(&key).await;
+        let removed = self.report(Operation::ForceRelease, Some(&key), outcome).await?;
+        tracing::warn!(%key, previous = ?removed.as_ref().map(|h| h.owner.as_str()), "lock force-released");
+        call_hook(
+            "force_released",
+            self.inner.hooks.force_released(&key, removed.as_ref()),
+        )
+        .await;
+        Ok(removed)
+    }
+
+    /// Releases every expired lease; returns how many.
+    pub async fn release_expired(&self) -> Result<u64> {
+        let outcome = self.inner.backend.release_expired().await;
+        self.report(Operation::ReleaseExpired, None, outcome).await
+    }
+
+    async fn report<T>(&self, op: Operation, key: Option<&LockKey>, outcome: Result<T>) -> Result<T> {
+        if let Err(error) = &outcome {
+            call_hook("error", self.inner.hooks.error(op, key, error)).await;
+        }
+        outcome
+    }
+}
