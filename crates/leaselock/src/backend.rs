@@ -8,7 +8,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::error::Result;
-use crate::types::{AcquireOutcome, AcquireRequest, Capabilities, Lease, LockInfo, LockKey, LockState};
+use crate::types::{
+    AcquireOutcome, AcquireRequest, Capabilities, Lease, LockInfo, LockKey, LockState,
+};
 
 /// A future that resolves when something a backend watches happens (a release, a lost session).
 pub type Wakeup = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;

@@ -170,18 +170,26 @@ mod tests {
 
     #[test]
     fn validation() {
-        assert!(WaitPolicy::attempts(0, Duration::from_secs(1)).validate().is_err());
-        assert!(WaitPolicy::attempts(1, Duration::ZERO).validate().is_err());
-        assert!(WaitPolicy::until(Duration::ZERO, Duration::from_secs(1)).validate().is_err());
-        assert!(WaitPolicy::until(Duration::from_secs(u64::MAX), Duration::from_secs(1))
+        assert!(WaitPolicy::attempts(0, Duration::from_secs(1))
             .validate()
             .is_err());
+        assert!(WaitPolicy::attempts(1, Duration::ZERO).validate().is_err());
+        assert!(WaitPolicy::until(Duration::ZERO, Duration::from_secs(1))
+            .validate()
+            .is_err());
+        assert!(
+            WaitPolicy::until(Duration::from_secs(u64::MAX), Duration::from_secs(1))
+                .validate()
+                .is_err()
+        );
         assert!(WaitPolicy::fail_fast()
             .with_jitter(Duration::from_secs(1_000_000))
             .validate()
             .is_err());
-        assert!(WaitPolicy::until(Duration::from_secs(60), Duration::from_millis(100))
-            .validate()
-            .is_ok());
+        assert!(
+            WaitPolicy::until(Duration::from_secs(60), Duration::from_millis(100))
+                .validate()
+                .is_ok()
+        );
     }
 }

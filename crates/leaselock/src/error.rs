@@ -149,12 +149,19 @@ mod tests {
     #[test]
     fn display_and_classification() {
         let key = LockKey::new("k").unwrap();
-        let info = LockInfo::new(key.clone(), OwnerId::new("o").unwrap(), FencingToken::new(4));
+        let info = LockInfo::new(
+            key.clone(),
+            OwnerId::new("o").unwrap(),
+            FencingToken::new(4),
+        );
         let held = Error::Held {
             key: key.clone(),
             holder: Some(Box::new(info)),
         };
-        assert_eq!(held.to_string(), "lock `k` is held by `o` (fencing token 4)");
+        assert_eq!(
+            held.to_string(),
+            "lock `k` is held by `o` (fencing token 4)"
+        );
         assert!(!held.is_retryable());
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
         assert!(Error::transient("x", io).is_retryable());

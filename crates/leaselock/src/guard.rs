@@ -51,7 +51,10 @@ impl LostSignal {
     /// normally.
     pub async fn wait(&self) -> String {
         let mut rx = self.rx.clone();
-        let outcome = rx.wait_for(Option::is_some).await.map(|r| r.as_deref().map(str::to_owned));
+        let outcome = rx
+            .wait_for(Option::is_some)
+            .await
+            .map(|r| r.as_deref().map(str::to_owned));
         match outcome {
             Ok(Some(reason)) => reason,
             _ => std::future::pending().await,
@@ -277,7 +280,8 @@ impl LockGuard {
             deadline: Mutex::new(deadline),
             released: AtomicBool::new(false),
         });
-        let needs_daemon = deadline.is_some() || lost_watch.is_some() || daemon.refresh_every.is_some();
+        let needs_daemon =
+            deadline.is_some() || lost_watch.is_some() || daemon.refresh_every.is_some();
         let handle = needs_daemon.then(|| {
             tokio::spawn(run_daemon(
                 Arc::clone(&held),
@@ -337,7 +341,8 @@ async fn release_held(held: &Held) -> Result<bool> {
             tracing::warn!(key = %lease.key, %error, "release failed; the lease will expire on its own");
             call_hook(
                 "error",
-                held.hooks.error(Operation::Release, Some(&lease.key), &error),
+                held.hooks
+                    .error(Operation::Release, Some(&lease.key), &error),
             )
             .await;
             Err(error)
@@ -427,7 +432,8 @@ async fn run_daemon(held: Arc<Held>, refresh_every: Option<Duration>, mut lost_w
                 tracing::warn!(key = %lease.key, %error, ?retry_in, "lease refresh failed; retrying");
                 call_hook(
                     "error",
-                    held.hooks.error(Operation::Refresh, Some(&lease.key), &error),
+                    held.hooks
+                        .error(Operation::Refresh, Some(&lease.key), &error),
                 )
                 .await;
                 next_refresh = Some(Instant::now() + retry_in);

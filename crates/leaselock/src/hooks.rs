@@ -126,7 +126,12 @@ pub trait LockHooks: Send + Sync {
     }
 
     /// An operation failed.
-    async fn error(&self, operation: Operation, key: Option<&LockKey>, error: &Error) -> HookResult {
+    async fn error(
+        &self,
+        operation: Operation,
+        key: Option<&LockKey>,
+        error: &Error,
+    ) -> HookResult {
         let _ = (operation, key, error);
         Ok(())
     }

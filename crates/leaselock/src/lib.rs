@@ -20,8 +20,8 @@ pub use locker::{Locker, LockerBuilder, DEFAULT_LEASE_DURATION};
 pub use memory::MemoryBackend;
 pub use types::{
     validate_lease_duration, AcquireOutcome, AcquireRequest, Capabilities, ExpiryClock,
-    FencingToken, Lease, LockInfo, LockKey, LockKind, LockState, Namespace, OwnerId,
-    MAX_KEY_BYTES, MAX_LEASE_DURATION, MAX_OWNER_BYTES, MIN_LEASE_DURATION,
+    FencingToken, Lease, LockInfo, LockKey, LockKind, LockState, Namespace, OwnerId, MAX_KEY_BYTES,
+    MAX_LEASE_DURATION, MAX_OWNER_BYTES, MIN_LEASE_DURATION,
 };
 
 /// Re-exported for backend crates implementing [`LockBackend`].

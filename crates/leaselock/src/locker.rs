@@ -338,7 +338,11 @@ impl Locker {
                 }
                 Ok(AcquireOutcome::Held(holder)) => (holder, None),
                 Err(error) => {
-                    call_hook("error", i.hooks.error(Operation::Acquire, Some(&key), &error)).await;
+                    call_hook(
+                        "error",
+                        i.hooks.error(Operation::Acquire, Some(&key), &error),
+                    )
+                    .await;
                     if !error.is_retryable() {
                         return Err(error);
                     }
@@ -394,7 +398,11 @@ impl Locker {
         let verified = match i.backend.verify(lease).await {
             Ok(verified) => verified,
             Err(error) => {
-                call_hook("error", i.hooks.error(Operation::Verify, Some(&lease.key), &error)).await;
+                call_hook(
+                    "error",
+                    i.hooks.error(Operation::Verify, Some(&lease.key), &error),
+                )
+                .await;
                 let _ = i.backend.release(lease).await;
                 return Err(error);
             }
@@ -448,10 +456,7 @@ impl Locker {
         let released = guard.release().await;
         match outcome {
             Err(panic) => std::panic::resume_unwind(panic),
-            Ok(_) if lost.is_some() => Err(Error::lost(
-                ctx.key(),
-                lost.unwrap_or_default(),
-            )),
+            Ok(_) if lost.is_some() => Err(Error::lost(ctx.key(), lost.unwrap_or_default())),
             Ok(value) => {
                 if let Err(error) = released {
                     tracing::warn!(key = %ctx.key(), %error, "the work finished but its lock could not be released; it will expire");
@@ -479,7 +484,9 @@ impl Locker {
     pub async fn force_release(&self, key: impl AsRef<str>) -> Result<Option<LockInfo>> {
         let key = LockKey::new(key.as_ref())?;
         let outcome = self.inner.backend.force_release(&key).await;
-        let removed = self.report(Operation::ForceRelease, Some(&key), outcome).await?;
+        let removed = self
+            .report(Operation::ForceRelease, Some(&key), outcome)
+            .await?;
         tracing::warn!(%key, previous = ?removed.as_ref().map(|h| h.owner.as_str()), "lock force-released");
         call_hook(
             "force_released",
@@ -495,7 +502,12 @@ impl Locker {
         self.report(Operation::ReleaseExpired, None, outcome).await
     }
 
-    async fn report<T>(&self, op: Operation, key: Option<&LockKey>, outcome: Result<T>) -> Result<T> {
+    async fn report<T>(
+        &self,
+        op: Operation,
+        key: Option<&LockKey>,
+        outcome: Result<T>,
+    ) -> Result<T> {
         if let Err(error) = &outcome {
             call_hook("error", self.inner.hooks.error(op, key, error)).await;
         }

@@ -78,8 +78,13 @@ impl Holder {
     }
 
     fn lease(&self, key: &LockKey) -> Lease {
-        Lease::new(key.clone(), self.owner.clone(), self.token, self.acquired_at)
-            .with_expiry(self.expires_at, self.ttl)
+        Lease::new(
+            key.clone(),
+            self.owner.clone(),
+            self.token,
+            self.acquired_at,
+        )
+        .with_expiry(self.expires_at, self.ttl)
     }
 }
 
@@ -184,9 +189,9 @@ impl LockBackend for MemoryBackend {
     }
 
     async fn refresh(&self, lease: &Lease) -> Result<Lease> {
-        let ttl = lease
-            .ttl
-            .ok_or_else(|| Error::invalid("lease", "a lease without a duration cannot be refreshed"))?;
+        let ttl = lease.ttl.ok_or_else(|| {
+            Error::invalid("lease", "a lease without a duration cannot be refreshed")
+        })?;
         let now = Instant::now();
         let mut keys = self.keys()?;
         match keys.get_mut(&lease.key).and_then(|e| e.holder.as_mut()) {
@@ -196,7 +201,9 @@ impl LockBackend for MemoryBackend {
                 holder.expires_at = SystemTime::now() + ttl;
                 Ok(holder.lease(&lease.key))
             }
-            Some(holder) if holder.matches(lease) => Err(Error::lost(&lease.key, "the lease expired")),
+            Some(holder) if holder.matches(lease) => {
+                Err(Error::lost(&lease.key, "the lease expired"))
+            }
             _ => Err(Error::lost(
                 &lease.key,
                 "the lease was released or taken over",

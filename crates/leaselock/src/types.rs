@@ -88,11 +88,7 @@ impl OwnerId {
     /// A fresh owner id `host-pid-uuid`, unique to this call.
     pub fn generate() -> Self {
         let host = gethostname::gethostname().to_string_lossy().into_owned();
-        let host: String = host
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(128)
-            .collect();
+        let host: String = host.chars().filter(|c| !c.is_control()).take(128).collect();
         let host = if host.is_empty() {
             "unknown-host".to_owned()
         } else {
@@ -172,7 +168,11 @@ impl Namespace {
         if name.len() > Self::MAX_LEN {
             return Err(Error::invalid(
                 field,
-                format!("is {} bytes long, the limit is {}", name.len(), Self::MAX_LEN),
+                format!(
+                    "is {} bytes long, the limit is {}",
+                    name.len(),
+                    Self::MAX_LEN
+                ),
             ));
         }
         if !(first.is_ascii_alphabetic() || first == '_') {
@@ -561,7 +561,13 @@ mod tests {
         ] {
             let err = Namespace::new(bad).unwrap_err();
             assert!(
-                matches!(err, Error::InvalidInput { field: "namespace", .. }),
+                matches!(
+                    err,
+                    Error::InvalidInput {
+                        field: "namespace",
+                        ..
+                    }
+                ),
                 "{bad}: {err}"
             );
         }
