@@ -1,0 +1,1 @@
+//! mysql backend for leaselock (in progress).

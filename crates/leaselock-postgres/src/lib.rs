@@ -1,0 +1,1 @@
+//! postgres backend for leaselock (in progress).
