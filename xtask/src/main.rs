@@ -1,1 +1,143 @@
-fn main() {}
+//! `cargo xtask`: the project's own tasks.
+//!
+//! - `cargo xtask test [ARGS…]`: starts (and if needed installs) every database server the
+//!   suite needs, exports their URLs, and runs `cargo test --workspace [ARGS…]`.
+//! - `cargo xtask lint`: `cargo fmt --check`, clippy with warnings denied, docs with warnings
+//!   denied.
+//! - `cargo xtask ci`: lint, then test.
+//! - `cargo xtask services up|env|down`: manage the servers without running tests.
+//!
+//! Servers are native processes (no container engine needed); their scratch files live in
+//! `.services/` at the workspace root. A URL variable already set in the environment is used as
+//! is and its server is not touched.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod services;
+mod util;
+
+use util::{cargo, Result};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let outcome = match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("lint") => lint(),
+        Some("ci") => lint().and_then(|()| test(&args[1..])),
+        Some("services") => services_cmd(args.get(1).map(String::as_str)),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <test [CARGO TEST ARGS…] | lint | ci | services up|env|down>"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Starts every service and returns the variables to export.
+fn services_up() -> Result<Vec<(String, String)>> {
+    let ctx = services::Ctx::new(root())?;
+    let mut env = Vec::new();
+    let mut failures = Vec::new();
+    for service in services::all() {
+        if let Ok(url) = std::env::var(service.env_var) {
+            if !url.is_empty() {
+                eprintln!(
+                    "xtask: {} from {} (already set)",
+                    service.name, service.env_var
+                );
+                env.push((service.env_var.to_owned(), url));
+                continue;
+            }
+        }
+        eprintln!("xtask: starting {}…", service.name);
+        match (service.up)(&ctx) {
+            Ok(url) => {
+                eprintln!("xtask: {} ready", service.name);
+                env.push((service.env_var.to_owned(), url));
+            }
+            Err(error) => {
+                eprintln!("xtask: {} could not be started: {error}", service.name);
+                failures.push(format!("{}: {error}", service.name));
+            }
+        }
+    }
+    if !failures.is_empty() && util::is_ci() {
+        return Err(format!(
+            "under CI every server is required; failed: {}",
+            failures.join("; ")
+        ));
+    }
+    Ok(env)
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    let env = services_up()?;
+    let mut cmd = cargo();
+    cmd.current_dir(root())
+        .args(["test", "--workspace"])
+        .args(extra);
+    for (key, value) in &env {
+        cmd.env(key, value);
+    }
+    util::run(&mut cmd)
+}
+
+fn lint() -> Result<()> {
+    let root = root();
+    util::run(
+        cargo()
+            .current_dir(&root)
+            .args(["fmt", "--all", "--", "--check"]),
+    )?;
+    util::run(cargo().current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    util::run(
+        cargo()
+            .current_dir(&root)
+            .env("RUSTDOCFLAGS", "-D warnings")
+            .args(["doc", "--workspace", "--no-deps"]),
+    )
+}
+
+fn services_cmd(sub: Option<&str>) -> Result<()> {
+    match sub {
+        Some("up") | Some("env") => {
+            for (key, value) in services_up()? {
+                println!("export {key}='{value}'");
+            }
+            Ok(())
+        }
+        Some("down") => {
+            let ctx = services::Ctx::new(root())?;
+            for service in services::all() {
+                if let Some(down) = service.down {
+                    down(&ctx)?;
+                }
+            }
+            Ok(())
+        }
+        _ => Err("usage: cargo xtask services up|env|down".into()),
+    }
+}
