@@ -1,0 +1,1 @@
+//! dynamodb backend for leaselock (in progress).

@@ -1,0 +1,1 @@
+//! mongodb backend for leaselock (in progress).
