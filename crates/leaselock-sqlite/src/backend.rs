@@ -1,0 +1,487 @@
+//! The SQLite lease-table backend.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use leaselock::{
+    async_trait, AcquireOutcome, AcquireRequest, Capabilities, Error, ExpiryClock, FencingToken,
+    Lease, LockBackend, LockInfo, LockKey, LockKind, LockState, OwnerId, Result, Wakeup,
+};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use crate::config::SqliteConfig;
+use crate::error::{convert, join, not_initialized, NAME};
+
+/// The database clock in milliseconds since the Unix epoch. SQLite evaluates `'now'` once per
+/// statement, so every use in one statement sees the same instant.
+const NOW_MS: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
+
+/// Leases in an SQLite table: the embedded default.
+///
+/// Several processes on one host exclude each other through one database file: the file is in
+/// WAL mode, every write runs in an immediate transaction, and a busy timeout makes a writer wait
+/// for another instead of failing. Expiry is decided by SQLite's clock (the host's), fencing
+/// tokens are kept per key forever (rows are never deleted). Blocking calls run on tokio's
+/// blocking pool, never on the async runtime.
+///
+/// ```no_run
+/// use leaselock::Locker;
+/// use leaselock_sqlite::{SqliteBackend, SqliteConfig};
+/// # #[tokio::main] async fn main() -> leaselock::Result<()> {
+/// let backend = SqliteBackend::connect(SqliteConfig::new("leaselock.db")).await?;
+/// let locker = Locker::builder(backend).build()?;
+/// locker.init_storage().await?;
+/// locker.run("nightly-job", |lock| async move { println!("token {}", lock.token()) }).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct SqliteBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+    sql: Statements,
+}
+
+impl fmt::Debug for SqliteBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteBackend")
+            .field("path", &self.inner.path)
+            .field("table", &self.inner.sql.table)
+            .finish()
+    }
+}
+
+/// Every statement, built once from the validated, quoted table name.
+struct Statements {
+    table: String,
+    create: String,
+    exists: String,
+    acquire: String,
+    holder: String,
+    refresh: String,
+    verify: String,
+    release: String,
+    status: String,
+    list: String,
+    force: String,
+    expired: String,
+}
+
+impl Statements {
+    fn new(table: &leaselock::Namespace) -> Self {
+        let t = table.quoted();
+        let cleared = "owner = NULL, acquired_at_ms = NULL, expires_at_ms = NULL, ttl_ms = NULL";
+        Self {
+            table: table.as_str().to_owned(),
+            create: format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    lock_key TEXT PRIMARY KEY NOT NULL,
+                    owner TEXT,
+                    token INTEGER NOT NULL,
+                    acquired_at_ms INTEGER,
+                    expires_at_ms INTEGER,
+                    ttl_ms INTEGER
+                )"
+            ),
+            exists: "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1"
+                .to_owned(),
+            // One statement: insert a new key, or take over a free or expired one; the token
+            // counts on from the row's last value, so it never goes back.
+            acquire: format!(
+                "INSERT INTO {t} (lock_key, owner, token, acquired_at_ms, expires_at_ms, ttl_ms)
+                 VALUES (?1, ?2, 1, {NOW_MS}, {NOW_MS} + ?3, ?3)
+                 ON CONFLICT (lock_key) DO UPDATE SET
+                    owner = excluded.owner,
+                    token = {t}.token + 1,
+                    acquired_at_ms = excluded.acquired_at_ms,
+                    expires_at_ms = excluded.expires_at_ms,
+                    ttl_ms = excluded.ttl_ms
+                 WHERE {t}.owner IS NULL OR {t}.expires_at_ms <= excluded.acquired_at_ms
+                 RETURNING token, acquired_at_ms, expires_at_ms"
+            ),
+            holder: format!(
+                "SELECT owner, token, acquired_at_ms, expires_at_ms, {NOW_MS}
+                 FROM {t} WHERE lock_key = ?1 AND owner IS NOT NULL"
+            ),
+            refresh: format!(
+                "UPDATE {t} SET expires_at_ms = {NOW_MS} + ?4, ttl_ms = ?4
+                 WHERE lock_key = ?1 AND owner = ?2 AND token = ?3 AND expires_at_ms > {NOW_MS}
+                 RETURNING acquired_at_ms, expires_at_ms"
+            ),
+            verify: format!(
+                "SELECT count(*) FROM {t}
+                 WHERE lock_key = ?1 AND owner = ?2 AND token = ?3 AND expires_at_ms > {NOW_MS}"
+            ),
+            release: format!(
+                "UPDATE {t} SET {cleared}
+                 WHERE lock_key = ?1 AND owner = ?2 AND token = ?3 AND expires_at_ms > {NOW_MS}"
+            ),
+            status: format!(
+                "SELECT owner, token, acquired_at_ms, expires_at_ms, {NOW_MS}
+                 FROM {t} WHERE lock_key = ?1"
+            ),
+            list: format!(
+                "SELECT lock_key, owner, token, acquired_at_ms, expires_at_ms, {NOW_MS}
+                 FROM {t} WHERE owner IS NOT NULL AND expires_at_ms > {NOW_MS}
+                 ORDER BY lock_key"
+            ),
+            force: format!("UPDATE {t} SET {cleared} WHERE lock_key = ?1 AND owner IS NOT NULL"),
+            expired: format!(
+                "UPDATE {t} SET {cleared} WHERE owner IS NOT NULL AND expires_at_ms <= {NOW_MS}"
+            ),
+        }
+    }
+}
+
+fn time(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn token(raw: i64) -> FencingToken {
+    FencingToken::new(raw as u64)
+}
+
+/// A row of (owner, token, acquired_at_ms, expires_at_ms, now_ms) into lock information.
+fn info(key: &LockKey, row: (String, i64, i64, i64, i64)) -> Result<(LockInfo, bool)> {
+    let (owner, tok, acquired, expires, now) = row;
+    let mut info = LockInfo::new(key.clone(), stored_owner(owner)?, token(tok));
+    info.acquired_at = Some(time(acquired));
+    info.expires_at = Some(time(expires));
+    info.remaining = Some(Duration::from_millis((expires - now).max(0) as u64));
+    Ok((info, expires <= now))
+}
+
+fn stored_owner(owner: String) -> Result<OwnerId> {
+    OwnerId::new(owner)
+        .map_err(|e| Error::permanent(NAME, format!("corrupt owner in lock table: {e}")))
+}
+
+impl SqliteBackend {
+    /// Opens (creating if needed) the database file and configures it for several processes:
+    /// WAL journal, the busy timeout. Does not create the table: call
+    /// [`LockBackend::init_storage`].
+    pub async fn connect(config: SqliteConfig) -> Result<Self> {
+        let (table, busy_timeout) = config.validated()?;
+        let path = config.path().to_path_buf();
+        let sql = Statements::new(&table);
+        let open_path = path.clone();
+        let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
+            let conn = Connection::open_with_flags(
+                &open_path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | OpenFlags::SQLITE_OPEN_CREATE
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| Error::NotAccessible {
+                backend: NAME,
+                what: format!("cannot open {}: {e}", open_path.display()),
+                source: Some(Box::new(e)),
+            })?;
+            conn.busy_timeout(busy_timeout).map_err(convert)?;
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+                .map_err(convert)?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                tracing::warn!(path = %open_path.display(), mode, "SQLite could not switch to WAL; locking still works, with more contention");
+            }
+            conn.execute_batch("PRAGMA synchronous = NORMAL")
+                .map_err(convert)?;
+            Ok(conn)
+        })
+        .await
+        .map_err(join)??;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path,
+                conn: Mutex::new(conn),
+                sql,
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &Statements) -> Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner.conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut conn, &inner.sql)
+        })
+        .await
+        .map_err(join)?
+    }
+}
+
+fn immediate(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(convert)
+}
+
+type Row = (String, i64, i64, i64, i64);
+
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Row>> {
+    let owner: Option<String> = r.get(0)?;
+    Ok(match owner {
+        Some(owner) => Some((owner, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        None => None,
+    })
+}
+
+#[async_trait]
+impl LockBackend for SqliteBackend {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(NAME, LockKind::Lease, ExpiryClock::Database)
+    }
+
+    async fn init_storage(&self) -> Result<()> {
+        self.with(|conn, sql| {
+            let tx = immediate(conn)?;
+            tx.execute_batch(&sql.create).map_err(convert)?;
+            tx.commit().map_err(convert)
+        })
+        .await?;
+        tracing::debug!(table = %self.inner.sql.table, "SQLite lock table ready");
+        Ok(())
+    }
+
+    async fn check_storage(&self) -> Result<()> {
+        self.with(|conn, sql| {
+            let count: i64 = conn
+                .query_row(&sql.exists, [&sql.table], |r| r.get(0))
+                .map_err(convert)?;
+            if count == 0 {
+                return Err(not_initialized(&format!("no table `{}`", sql.table)));
+            }
+            // Preparing every statement checks the columns too.
+            for statement in [&sql.acquire, &sql.refresh, &sql.status, &sql.list] {
+                conn.prepare_cached(statement).map_err(convert)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
+        let request = request.clone();
+        self.with(move |conn, sql| {
+            let tx = immediate(conn)?;
+            let key = request.key().as_str();
+            let ttl = millis(request.ttl());
+            let won = tx
+                .prepare_cached(&sql.acquire)
+                .and_then(|mut s| {
+                    s.query_row(params![key, request.owner().as_str(), ttl], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, i64>(2)?,
+                        ))
+                    })
+                    .optional()
+                })
+                .map_err(convert)?;
+            let outcome = match won {
+                Some((tok, acquired, expires)) => AcquireOutcome::Acquired(
+                    Lease::new(
+                        request.key().clone(),
+                        request.owner().clone(),
+                        token(tok),
+                        time(acquired),
+                    )
+                    .with_expiry(time(expires), request.ttl()),
+                ),
+                None => {
+                    let row = tx
+                        .prepare_cached(&sql.holder)
+                        .and_then(|mut s| s.query_row([key], read_row).optional())
+                        .map_err(convert)?
+                        .flatten();
+                    let holder = row.map(|row| info(request.key(), row)).transpose()?;
+                    AcquireOutcome::Held(holder.map(|(info, _)| info))
+                }
+            };
+            tx.commit().map_err(convert)?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn refresh(&self, lease: &Lease) -> Result<Lease> {
+        let lease = lease.clone();
+        self.with(move |conn, sql| {
+            let ttl = lease.ttl.ok_or_else(|| {
+                Error::invalid("lease", "a lease without a duration cannot be refreshed")
+            })?;
+            let tx = immediate(conn)?;
+            let row = tx
+                .prepare_cached(&sql.refresh)
+                .and_then(|mut s| {
+                    s.query_row(
+                        params![
+                            lease.key.as_str(),
+                            lease.owner.as_str(),
+                            lease.token.get() as i64,
+                            millis(ttl)
+                        ],
+                        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+                    )
+                    .optional()
+                })
+                .map_err(convert)?;
+            tx.commit().map_err(convert)?;
+            match row {
+                Some((acquired, expires)) => {
+                    let mut fresh = lease.clone().with_expiry(time(expires), ttl);
+                    fresh.acquired_at = time(acquired);
+                    Ok(fresh)
+                }
+                None => Err(Error::lost(
+                    &lease.key,
+                    "the lease expired, was released or was taken over",
+                )),
+            }
+        })
+        .await
+    }
+
+    async fn verify(&self, lease: &Lease) -> Result<bool> {
+        let lease = lease.clone();
+        self.with(move |conn, sql| {
+            let n: i64 = conn
+                .prepare_cached(&sql.verify)
+                .and_then(|mut s| {
+                    s.query_row(
+                        params![
+                            lease.key.as_str(),
+                            lease.owner.as_str(),
+                            lease.token.get() as i64
+                        ],
+                        |r| r.get(0),
+                    )
+                })
+                .map_err(convert)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool> {
+        let lease = lease.clone();
+        self.with(move |conn, sql| {
+            let tx = immediate(conn)?;
+            let n = tx
+                .prepare_cached(&sql.release)
+                .and_then(|mut s| {
+                    s.execute(params![
+                        lease.key.as_str(),
+                        lease.owner.as_str(),
+                        lease.token.get() as i64
+                    ])
+                })
+                .map_err(convert)?;
+            tx.commit().map_err(convert)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn status(&self, key: &LockKey) -> Result<LockState> {
+        let key = key.clone();
+        self.with(move |conn, sql| {
+            let row = conn
+                .prepare_cached(&sql.status)
+                .and_then(|mut s| s.query_row([key.as_str()], read_row).optional())
+                .map_err(convert)?
+                .flatten();
+            Ok(match row {
+                None => LockState::Free,
+                Some(row) => match info(&key, row)? {
+                    (info, true) => LockState::Expired(info),
+                    (info, false) => LockState::Held(info),
+                },
+            })
+        })
+        .await
+    }
+
+    async fn list(&self) -> Result<Vec<LockInfo>> {
+        self.with(|conn, sql| {
+            let mut stmt = conn.prepare_cached(&sql.list).map_err(convert)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?),
+                    ))
+                })
+                .map_err(convert)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (key, row) = row.map_err(convert)?;
+                let key = LockKey::new(key).map_err(|e| {
+                    Error::permanent(NAME, format!("corrupt key in lock table: {e}"))
+                })?;
+                out.push(info(&key, row)?.0);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+        let key = key.clone();
+        self.with(move |conn, sql| {
+            let tx = immediate(conn)?;
+            let row = tx
+                .prepare_cached(&sql.holder)
+                .and_then(|mut s| s.query_row([key.as_str()], read_row).optional())
+                .map_err(convert)?
+                .flatten();
+            let removed = row.map(|row| info(&key, row)).transpose()?.map(|(i, _)| i);
+            if removed.is_some() {
+                tx.prepare_cached(&sql.force)
+                    .and_then(|mut s| s.execute([key.as_str()]))
+                    .map_err(convert)?;
+            }
+            tx.commit().map_err(convert)?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn release_expired(&self) -> Result<u64> {
+        self.with(|conn, sql| {
+            let tx = immediate(conn)?;
+            let n = tx.execute(&sql.expired, []).map_err(convert)?;
+            tx.commit().map_err(convert)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn watch_release(&self, _key: &LockKey) -> Result<Option<Wakeup>> {
+        // SQLite has no notifications across processes: waiters poll.
+        Ok(None)
+    }
+
+    fn watch_lost(&self, _lease: &Lease) -> Option<Wakeup> {
+        None
+    }
+}

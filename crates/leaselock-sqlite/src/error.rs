@@ -1,0 +1,54 @@
+//! Turning rusqlite's errors into leaselock's.
+
+use leaselock::Error;
+use rusqlite::ErrorCode;
+
+pub(crate) const NAME: &str = "sqlite";
+
+/// Classifies a driver error: busy/locked is retryable, a missing table means storage is not
+/// initialized, open/permission failures mean storage is not accessible.
+pub(crate) fn convert(error: rusqlite::Error) -> Error {
+    if let rusqlite::Error::SqliteFailure(failure, message) = &error {
+        match failure.code {
+            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
+                return Error::transient(NAME, error)
+            }
+            ErrorCode::CannotOpen
+            | ErrorCode::PermissionDenied
+            | ErrorCode::ReadOnly
+            | ErrorCode::AuthorizationForStatementDenied
+            | ErrorCode::NotADatabase => {
+                return Error::NotAccessible {
+                    backend: NAME,
+                    what: message.clone().unwrap_or_else(|| error.to_string()),
+                    source: Some(Box::new(error)),
+                }
+            }
+            _ => {}
+        }
+        if message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("no such table"))
+        {
+            return not_initialized(message.as_deref().unwrap_or_default());
+        }
+    }
+    if let rusqlite::Error::SqlInputError { msg, .. } = &error {
+        if msg.starts_with("no such table") {
+            return not_initialized(msg);
+        }
+    }
+    Error::permanent(NAME, error)
+}
+
+pub(crate) fn not_initialized(what: &str) -> Error {
+    Error::NotInitialized {
+        backend: NAME,
+        what: format!("{what}: run init_storage (or `leaselock init`)"),
+    }
+}
+
+/// A blocking task that could not finish (the runtime is shutting down).
+pub(crate) fn join(error: tokio::task::JoinError) -> Error {
+    Error::transient(NAME, error)
+}
