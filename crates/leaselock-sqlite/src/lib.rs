@@ -24,3 +24,8 @@ pub async fn from_url(url: &str) -> leaselock::Result<Arc<dyn leaselock::LockBac
         SqliteBackend::connect(SqliteConfig::from_url(url)?).await?,
     ))
 }
+
+/// The workspace README's examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct WorkspaceReadme;
