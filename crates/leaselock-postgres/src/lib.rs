@@ -1,1 +1,84 @@
-//! postgres backend for leaselock (in progress).
+//! PostgreSQL backends for [leaselock](leaselock), over `tokio-postgres`.
+//!
+//! Two backends, chosen by the user:
+//!
+//! | | [`PgAdvisoryBackend`] | [`PgTableBackend`] |
+//! |---|---|---|
+//! | lock | session advisory lock, `pg_try_advisory_lock` | a row in a lease table |
+//! | kind | [`LockKind::Session`](leaselock::LockKind::Session): held while its connection lives | [`LockKind::Lease`](leaselock::LockKind::Lease): expires unless refreshed |
+//! | expiry clock | none | the server's, `now()` |
+//! | fencing tokens | counter table, bumped in the same statement as the lock | in the lease row |
+//! | holder told when lost | at once, when its session ends | at its next refresh, or its local deadline |
+//! | waiters woken on release | `LISTEN`/`NOTIFY` | `LISTEN`/`NOTIFY` |
+//! | through PgBouncer (transaction pooling) | refused with a clear error | works (wake-ups fall back to polling) |
+//! | storage | `leaselock_advisory` (configurable) | `leaselock_locks` (configurable) |
+//!
+//! The advisory backend is what goose, sqlx and Flyway use, done right: try-lock only (so work
+//! running `CREATE INDEX CONCURRENTLY` under the lock cannot deadlock with waiters), one dedicated
+//! session per held lock, a documented key ([`advisory_key`]), and a server process check that
+//! refuses to run behind a transaction-pooling proxy. The table backend is what goose's table
+//! locker does, with expiry decided by the server's clock.
+//!
+//! Both create their table with `init_storage` (idempotent, and safe when many processes run it at
+//! once), validate and quote every identifier, bind every value as a parameter, and never show a
+//! password in logs, errors or `Debug` output.
+//!
+//! ```no_run
+//! # #[tokio::main] async fn main() -> leaselock::Result<()> {
+//! let backend = leaselock_postgres::from_url("postgres://app@localhost/app?strategy=table").await?;
+//! let locker = leaselock::Locker::builder(backend).build()?;
+//! locker.init_storage().await?;
+//! let ran = locker.run("nightly-report", |lock| async move { lock.token() }).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # TLS
+//!
+//! With the `tls` cargo feature (off by default), connections use rustls whenever the URL's
+//! `sslmode` asks for it (`prefer`, the default, uses TLS when the server offers it; `require`
+//! insists). Server certificates are verified against the platform's root certificates plus any
+//! CA given with `sslrootcert=PATH` in the URL or [`PgConfig::tls_root_certificates_pem`]. For a
+//! local server with a self-signed certificate, pass `sslmode=disable`.
+#![forbid(unsafe_code)]
+
+mod backend;
+mod config;
+mod error;
+
+use std::sync::Arc;
+
+pub use backend::advisory::PgAdvisoryBackend;
+pub use backend::table::PgTableBackend;
+pub use backend::{advisory_key, advisory_lock_parts};
+pub use config::{PgConfig, Strategy, DEFAULT_COUNTER_TABLE, DEFAULT_PREFIX, DEFAULT_TABLE};
+
+/// The backend a URL describes: `postgres://…` or `postgresql://…` with leaselock's own query
+/// parameters `strategy=advisory|table` (default `advisory`), `table=`, `schema=`, `prefix=`
+/// (advisory only) and, with the `tls` feature, `sslrootcert=` (see [`PgConfig::from_url`]).
+/// Everything else goes to `tokio-postgres`. Does not connect: the first operation does.
+///
+/// A malformed URL is [`leaselock::Error::InvalidInput`] with field `url`; its message never
+/// contains the password.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> leaselock::Result<()> {
+/// let backend = leaselock_postgres::from_url("postgresql://app:pw@db/app?strategy=table&table=locks").await?;
+/// assert_eq!(backend.capabilities().backend, "postgres-table");
+/// let backend = leaselock_postgres::from_url("postgres://app:pw@db/app").await?;
+/// assert_eq!(backend.capabilities().backend, "postgres-advisory");
+/// let err = leaselock_postgres::from_url("postgres://app:pw@db/app?strategy=nope").await.unwrap_err();
+/// assert!(matches!(err, leaselock::Error::InvalidInput { field: "url", .. }));
+/// # Ok(()) }
+/// ```
+pub async fn from_url(url: &str) -> leaselock::Result<Arc<dyn leaselock::LockBackend>> {
+    let config = PgConfig::from_url(url)?;
+    backend(config)
+}
+
+/// The backend `config`'s [`Strategy`] names.
+pub fn backend(config: PgConfig) -> leaselock::Result<Arc<dyn leaselock::LockBackend>> {
+    Ok(match config.get_strategy() {
+        Strategy::Advisory => Arc::new(PgAdvisoryBackend::new(config)?),
+        Strategy::Table => Arc::new(PgTableBackend::new(config)?),
+    })
+}

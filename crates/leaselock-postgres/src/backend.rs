@@ -1,0 +1,466 @@
+//! The two backends and what they share: connecting, the control connection, LISTEN/NOTIFY,
+//! storage initialization.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use leaselock::{Error, LockKey, Result, Wakeup};
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, watch};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{AsyncMessage, Client, Row};
+
+use crate::config::PgConfig;
+use crate::error;
+
+pub(crate) mod advisory;
+pub(crate) mod table;
+
+/// The stable 64-bit advisory lock id of `key` under `prefix`: the first 8 bytes of
+/// SHA-256(`prefix` ‖ `0x00` ‖ `key`), read as a big-endian `i64`.
+///
+/// This is the number [`PgAdvisoryBackend`](crate::PgAdvisoryBackend) passes to
+/// `pg_try_advisory_lock(bigint)`. In `pg_locks` it shows as `classid` = the high 32 bits and
+/// `objid` = the low 32 bits (both unsigned), with `objsubid = 1`. The function never changes
+/// between versions: other tools can compute it (`leaselock status` prints it).
+///
+/// ```
+/// use leaselock_postgres::advisory_key;
+/// assert_eq!(advisory_key("leaselock", "migrations"), -7_738_434_545_972_184_409);
+/// // The same computation in SQL, for operators:
+/// //   SELECT ('x' || substr(encode(sha256(convert_to('leaselock', 'UTF8') || '\x00'::bytea
+/// //           || convert_to('migrations', 'UTF8')), 'hex'), 1, 16))::bit(64)::bigint;
+/// assert_ne!(advisory_key("other_app", "migrations"), advisory_key("leaselock", "migrations"));
+/// ```
+pub fn advisory_key(prefix: &str, key: &str) -> i64 {
+    let mut hasher = Sha256::new();
+    hasher.update(prefix.as_bytes());
+    hasher.update([0u8]);
+    hasher.update(key.as_bytes());
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
+}
+
+/// The `pg_locks` columns `(classid, objid)` under which PostgreSQL shows the advisory lock
+/// `pg_try_advisory_lock(id)`: the high and low 32 bits, unsigned.
+///
+/// ```
+/// use leaselock_postgres::advisory_lock_parts;
+/// assert_eq!(advisory_lock_parts(-1), (u32::MAX, u32::MAX));
+/// assert_eq!(advisory_lock_parts((7 << 32) | 9), (7, 9));
+/// ```
+pub fn advisory_lock_parts(id: i64) -> (u32, u32) {
+    let bits = id as u64;
+    ((bits >> 32) as u32, bits as u32)
+}
+
+/// SQL matching a `pg_locks` row (alias `l`) against the advisory id in the int8 expression `id`
+/// in the current database.
+pub(crate) fn lock_match(id: &str) -> String {
+    format!(
+        "l.locktype = 'advisory' AND l.objsubid = 1 \
+         AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database()) \
+         AND l.classid = ((({id}) >> 32) & 4294967295)::oid \
+         AND l.objid = (({id}) & 4294967295)::oid"
+    )
+}
+
+/// The NOTIFY channel of one storage: short (channel names are identifiers, at most 63 bytes),
+/// stable, and different per table, schema and prefix.
+pub(crate) fn channel_name(kind: &str, qualified: &str, prefix: &str) -> String {
+    let mut hasher = Sha256::new();
+    for part in [kind, qualified, prefix] {
+        hasher.update(part.as_bytes());
+        hasher.update([0u8]);
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest[..10].iter().map(|b| format!("{b:02x}")).collect();
+    format!("leaselock_{hex}")
+}
+
+/// One connection and whether its driver task has ended.
+pub(crate) struct Conn {
+    pub(crate) client: Client,
+    closed: watch::Receiver<bool>,
+}
+
+impl Conn {
+    pub(crate) fn is_closed(&self) -> bool {
+        *self.closed.borrow() || self.client.is_closed()
+    }
+
+    /// Resolves once the connection is gone (dropped, terminated by the server, broken).
+    pub(crate) fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut closed = self.closed.clone();
+        async move {
+            let _ = closed.wait_for(|closed| *closed).await;
+        }
+    }
+}
+
+/// Opens connections with the configured TLS and timeouts.
+pub(crate) struct Connector {
+    config: tokio_postgres::Config,
+    target: String,
+    connect_timeout: Duration,
+    #[cfg(feature = "tls")]
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+}
+
+impl Connector {
+    pub(crate) fn new(config: &PgConfig) -> Result<Self> {
+        Ok(Self {
+            config: config.connection.clone(),
+            target: config.target(),
+            connect_timeout: config.connect_timeout,
+            #[cfg(feature = "tls")]
+            tls: tls_connector(config)?,
+        })
+    }
+
+    /// Opens a connection; notifications on `listen` (channel, sink) are forwarded to the sink.
+    pub(crate) async fn connect(
+        &self,
+        backend: &'static str,
+        listen: Option<(String, broadcast::Sender<Arc<str>>)>,
+    ) -> Result<Conn> {
+        #[cfg(not(feature = "tls"))]
+        let connecting = self.config.connect(tokio_postgres::NoTls);
+        #[cfg(feature = "tls")]
+        let connecting = self.config.connect(self.tls.clone());
+        let (client, connection) = tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .map_err(|_| error::connect_timeout(backend, &self.target))?
+            .map_err(|e| error::connect(backend, &self.target, e))?;
+        let (closed_tx, closed) = watch::channel(false);
+        tokio::spawn(drive(connection, listen, closed_tx));
+        Ok(Conn { client, closed })
+    }
+}
+
+#[cfg(feature = "tls")]
+fn tls_connector(config: &PgConfig) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    for cert in &config.tls_roots {
+        roots.add(cert.clone()).map_err(|e| {
+            Error::invalid(
+                "tls_root_certificates",
+                format!("unusable certificate: {e}"),
+            )
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::invalid("tls", e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+}
+
+/// Drives a connection until it ends, forwarding notifications, then reports the end.
+async fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    listen: Option<(String, broadcast::Sender<Arc<str>>)>,
+    closed: watch::Sender<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let outcome = std::future::poll_fn(|cx| loop {
+        match connection.poll_message(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => return Poll::Ready(Ok(())),
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+            Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => {
+                if let Some((channel, sink)) = &listen {
+                    if n.channel() == channel {
+                        let _ = sink.send(Arc::from(n.payload()));
+                    }
+                }
+            }
+            Poll::Ready(Some(Ok(AsyncMessage::Notice(notice)))) => {
+                tracing::trace!(notice = %notice.message(), "postgres notice");
+            }
+            Poll::Ready(Some(Ok(_))) => {}
+        }
+    })
+    .await;
+    if let Err(e) = outcome {
+        tracing::debug!(error = %e, "postgres connection ended");
+    }
+    closed.send_replace(true);
+}
+
+/// What both backends share: the control connection (lazily opened, reopened when it breaks),
+/// the LISTEN connection, timeouts.
+pub(crate) struct Shared {
+    pub(crate) backend: &'static str,
+    pub(crate) connector: Connector,
+    pub(crate) operation_timeout: Duration,
+    pub(crate) qualified: String,
+    pub(crate) channel: String,
+    schema: Option<String>,
+    target: String,
+    control: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    listener: tokio::sync::Mutex<Option<Listener>>,
+}
+
+struct Listener {
+    conn: Conn,
+    events: broadcast::Sender<Arc<str>>,
+}
+
+/// A typed statement parameter.
+pub(crate) type Param<'a> = (&'a (dyn ToSql + Sync), Type);
+
+impl Shared {
+    pub(crate) fn new(
+        backend: &'static str,
+        config: &PgConfig,
+        qualified: String,
+        channel: String,
+    ) -> Result<Self> {
+        Ok(Self {
+            backend,
+            connector: Connector::new(config)?,
+            operation_timeout: config.operation_timeout,
+            qualified,
+            channel,
+            schema: config.schema_name().map(str::to_owned),
+            target: config.target(),
+            control: tokio::sync::Mutex::new(None),
+            listener: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The configured schema, if any.
+    pub(crate) fn schema(&self) -> Option<&str> {
+        self.schema.as_deref()
+    }
+
+    /// Where this connects (no password).
+    pub(crate) fn connector_target(&self) -> &str {
+        &self.target
+    }
+
+    /// The control connection, opened on first use and reopened when it broke.
+    pub(crate) async fn control(&self) -> Result<Arc<Conn>> {
+        let mut control = self.control.lock().await;
+        if let Some(conn) = control.as_ref() {
+            if !conn.is_closed() {
+                return Ok(Arc::clone(conn));
+            }
+        }
+        let conn = Arc::new(self.connector.connect(self.backend, None).await?);
+        *control = Some(Arc::clone(&conn));
+        Ok(conn)
+    }
+
+    /// One statement on the control connection, without a prepare round trip.
+    pub(crate) async fn query(&self, what: &str, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>> {
+        let conn = self.control().await?;
+        run(self.backend, self.operation_timeout, &conn, what, sql, params).await
+    }
+
+    /// Like [`Shared::query`], expecting exactly one row.
+    pub(crate) async fn query_one(&self, what: &str, sql: &str, params: &[Param<'_>]) -> Result<Row> {
+        let mut rows = self.query(what, sql, params).await?;
+        match rows.len() {
+            1 => Ok(rows.remove(0)),
+            n => Err(Error::permanent(
+                self.backend,
+                format!("{what}: expected one row, got {n}"),
+            )),
+        }
+    }
+
+    /// Creates the storage with `ddl`, serialized among concurrent initializers by a
+    /// transaction-level advisory lock, in one round trip. A concurrent `CREATE` racing past the
+    /// lock anyway (another tool, another version) counts as success.
+    pub(crate) async fn init(&self, ddl: &str, schema: Option<&str>) -> Result<()> {
+        let init_lock = advisory_key("leaselock-init", &self.qualified);
+        let create_schema = match schema {
+            // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
+            // exists, so only try when it is missing. The name is a validated identifier.
+            Some(schema) => format!(
+                "DO $leaselock$ BEGIN \
+                   IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = '{schema}') THEN \
+                     CREATE SCHEMA IF NOT EXISTS \"{schema}\"; \
+                   END IF; \
+                 END $leaselock$;"
+            ),
+            None => String::new(),
+        };
+        // One simple query: one implicit transaction, so the xact lock covers all of it.
+        let sql = format!("SELECT pg_advisory_xact_lock({init_lock}); {create_schema} {ddl}");
+        let conn = self.control().await?;
+        let outcome = tokio::time::timeout(self.operation_timeout, conn.client.batch_execute(&sql))
+            .await
+            .map_err(|_| error::timeout(self.backend, "init_storage"))?;
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(e)
+                if e.code().is_some_and(|c| {
+                    *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+                        || *c == tokio_postgres::error::SqlState::DUPLICATE_TABLE
+                        || *c == tokio_postgres::error::SqlState::DUPLICATE_SCHEMA
+                }) =>
+            {
+                tracing::debug!(error = %e, "concurrent storage creation; it exists now");
+                Ok(())
+            }
+            Err(e) => Err(error::driver(self.backend, "init_storage", e)),
+        }
+    }
+
+    /// The pre-flight check: the table exists with the expected columns, and this role may read
+    /// and write it.
+    pub(crate) async fn check(&self, columns: &str) -> Result<()> {
+        let sql = format!(
+            "SELECT (SELECT count(*) FROM (SELECT {columns} FROM {t} LIMIT 0) probe) AS n, \
+                    has_table_privilege($1, 'SELECT') AS can_select, \
+                    has_table_privilege($1, 'INSERT') AS can_insert, \
+                    has_table_privilege($1, 'UPDATE') AS can_update",
+            t = self.qualified
+        );
+        let row = self
+            .query_one(
+                &format!("checking table {}", self.qualified),
+                &sql,
+                &[(&self.qualified, Type::TEXT)],
+            )
+            .await?;
+        let missing: Vec<&str> = [("SELECT", "can_select"), ("INSERT", "can_insert"), ("UPDATE", "can_update")]
+            .into_iter()
+            .filter(|(_, col)| !row.get::<_, bool>(*col))
+            .map(|(privilege, _)| privilege)
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::NotAccessible {
+                backend: self.backend,
+                what: format!(
+                    "this role lacks {} privilege on table {}",
+                    missing.join(", "),
+                    self.qualified
+                ),
+                source: None,
+            })
+        }
+    }
+
+    /// Subscribes to release notifications for `key`; LISTEN is in place when this returns.
+    pub(crate) async fn watch_release(&self, key: &LockKey) -> Result<Option<Wakeup>> {
+        let mut listener = self.listener.lock().await;
+        let reuse = listener.as_ref().filter(|l| !l.conn.is_closed());
+        let (events, closed) = match reuse {
+            Some(l) => (l.events.subscribe(), l.conn.closed()),
+            None => {
+                let (tx, _) = broadcast::channel(1024);
+                let conn = self
+                    .connector
+                    .connect(self.backend, Some((self.channel.clone(), tx.clone())))
+                    .await?;
+                let listen = format!("LISTEN \"{}\"", self.channel);
+                tokio::time::timeout(self.operation_timeout, conn.client.batch_execute(&listen))
+                    .await
+                    .map_err(|_| error::timeout(self.backend, "LISTEN"))?
+                    .map_err(|e| error::driver(self.backend, "LISTEN", e))?;
+                let events = tx.subscribe();
+                let closed = conn.closed();
+                *listener = Some(Listener { conn, events: tx });
+                (events, closed)
+            }
+        };
+        drop(listener);
+        let key: Arc<str> = Arc::from(key.as_str());
+        Ok(Some(Box::pin(wait_for_key(events, closed, key))))
+    }
+}
+
+async fn wait_for_key(
+    mut events: broadcast::Receiver<Arc<str>>,
+    closed: impl Future<Output = ()>,
+    key: Arc<str>,
+) {
+    let matching = async {
+        loop {
+            match events.recv().await {
+                Ok(released) if released == key => return,
+                Ok(_) => continue,
+                // Missed some: one of them may have been ours. Closed: the listener is gone.
+                Err(_) => return,
+            }
+        }
+    };
+    tokio::select! {
+        _ = matching => {}
+        _ = closed => {}
+    }
+}
+
+/// One statement on `conn`, with the operation timeout.
+pub(crate) async fn run(
+    backend: &'static str,
+    timeout: Duration,
+    conn: &Conn,
+    what: &str,
+    sql: &str,
+    params: &[Param<'_>],
+) -> Result<Vec<Row>> {
+    tokio::time::timeout(timeout, conn.client.query_typed(sql, params))
+        .await
+        .map_err(|_| error::timeout(backend, what))?
+        .map_err(|e| error::driver(backend, what, e))
+}
+
+/// A database token (`bigint`, always positive) as a fencing token.
+pub(crate) fn token(backend: &'static str, raw: i64) -> Result<leaselock::FencingToken> {
+    u64::try_from(raw)
+        .ok()
+        .filter(|t| *t > 0)
+        .map(leaselock::FencingToken::new)
+        .ok_or_else(|| Error::permanent(backend, format!("invalid fencing token {raw} in storage")))
+}
+
+/// A stored owner id.
+pub(crate) fn owner(backend: &'static str, raw: String) -> Result<leaselock::OwnerId> {
+    leaselock::OwnerId::new(raw).map_err(|e| Error::permanent(backend, format!("invalid owner in storage: {e}")))
+}
+
+/// A stored key.
+pub(crate) fn key(backend: &'static str, raw: String) -> Result<LockKey> {
+    LockKey::new(raw).map_err(|e| Error::permanent(backend, format!("invalid key in storage: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advisory_keys_are_stable() {
+        // Pinned: changing the derivation would let two versions hold "the same" lock at once.
+        assert_eq!(
+            advisory_key("leaselock", "migrations"),
+            -7_738_434_545_972_184_409
+        );
+        assert_ne!(advisory_key("a", "bc"), advisory_key("ab", "c"));
+        assert_ne!(advisory_key("p", "k1"), advisory_key("p", "k2"));
+    }
+
+    #[test]
+    fn channels() {
+        let a = channel_name("table", "\"locks\"", "");
+        assert!(a.len() < 64 && a.starts_with("leaselock_"), "{a}");
+        assert_ne!(a, channel_name("table", "\"other\"", ""));
+        assert_eq!(a, channel_name("table", "\"locks\"", ""));
+    }
+}

@@ -1,0 +1,390 @@
+//! The lease table backend.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use leaselock::{
+    AcquireOutcome, AcquireRequest, Capabilities, Error, ExpiryClock, Lease, LockBackend,
+    LockInfo, LockKey, LockKind, LockState, Result, Wakeup,
+};
+use tokio_postgres::types::Type;
+use tokio_postgres::Row;
+
+use super::{channel_name, key, owner, token, Shared};
+use crate::config::{PgConfig, DEFAULT_TABLE};
+
+const NAME: &str = "postgres-table";
+const COLUMNS: &str = "key, owner, token, acquired_at, expires_at";
+
+/// Leases in a table, expiring by the database server's clock (`now()`).
+///
+/// One row per key, never deleted: `key text PRIMARY KEY, owner text, token bigint,
+/// acquired_at timestamptz, expires_at timestamptz`. Acquiring is one statement,
+/// `INSERT … ON CONFLICT (key) DO UPDATE … WHERE the row is free or expired … RETURNING`, which
+/// bumps the fencing token; when the key is held, the same statement returns the holder. Release,
+/// force release and cleanup clear the holder and keep the token, so tokens strictly increase per
+/// key forever. Locks are not reentrant: the same owner asking again is refused.
+///
+/// Every statement is a single unnamed statement without a prepare round trip, so this backend
+/// also works through a transaction-pooling proxy such as PgBouncer (release notifications then
+/// fall back to polling, as LISTEN needs a session).
+///
+/// Waiters are woken through `LISTEN`/`NOTIFY`: release, force release and cleanup send
+/// `pg_notify` in the same statement.
+///
+/// ```no_run
+/// use leaselock::Locker;
+/// use leaselock_postgres::{PgConfig, PgTableBackend};
+/// # #[tokio::main] async fn main() -> leaselock::Result<()> {
+/// let config = PgConfig::from_url("postgres://app@localhost/app")?.table("deploy_locks")?;
+/// let locker = Locker::builder(PgTableBackend::new(config)?).build()?;
+/// locker.init_storage().await?;
+/// locker.run("migrations", |lock| async move { lock.token() }).await?;
+/// # Ok(()) }
+/// ```
+pub struct PgTableBackend {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for PgTableBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgTableBackend")
+            .field("target", &self.shared.connector_target())
+            .field("table", &self.shared.qualified)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgTableBackend {
+    /// A backend over `config`'s table (default [`DEFAULT_TABLE`]). Connects lazily, on first
+    /// use; call [`LockBackend::init_storage`] once to create the table.
+    pub fn new(config: PgConfig) -> Result<Self> {
+        let qualified = config.qualified(DEFAULT_TABLE);
+        let channel = channel_name("table", &qualified, "");
+        Ok(Self {
+            shared: Arc::new(Shared::new(NAME, &config, qualified, channel)?),
+        })
+    }
+
+    /// The schema-qualified, quoted table name.
+    pub fn table(&self) -> &str {
+        &self.shared.qualified
+    }
+
+    fn t(&self) -> &str {
+        &self.shared.qualified
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn remaining(expires_at: SystemTime, now: SystemTime) -> Duration {
+    expires_at.duration_since(now).unwrap_or(Duration::ZERO)
+}
+
+/// A holder row: (owner, token, acquired_at, expires_at) at the given column offset, plus `now`.
+fn info_at(k: &LockKey, row: &Row, at: usize, now: SystemTime) -> Result<Option<LockInfo>> {
+    let Some(raw_owner) = row.try_get::<_, Option<String>>(at).map_err(conv)? else {
+        return Ok(None);
+    };
+    let mut info = LockInfo::new(
+        k.clone(),
+        owner(NAME, raw_owner)?,
+        token(NAME, row.try_get(at + 1).map_err(conv)?)?,
+    );
+    info.acquired_at = row.try_get(at + 2).map_err(conv)?;
+    let expires_at: Option<SystemTime> = row.try_get(at + 3).map_err(conv)?;
+    info.expires_at = expires_at;
+    info.remaining = expires_at.map(|e| remaining(e, now));
+    Ok(Some(info))
+}
+
+fn conv(e: tokio_postgres::Error) -> Error {
+    Error::permanent(NAME, format!("unexpected column type: {e}"))
+}
+
+#[async_trait]
+impl LockBackend for PgTableBackend {
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::new(NAME, LockKind::Lease, ExpiryClock::Database);
+        caps.release_notifications = true;
+        caps.lost_notifications = false;
+        caps
+    }
+
+    async fn init_storage(&self) -> Result<()> {
+        let ddl = format!(
+            "CREATE TABLE IF NOT EXISTS {t} ( \
+                key text PRIMARY KEY, \
+                owner text, \
+                token bigint NOT NULL CHECK (token > 0), \
+                acquired_at timestamptz, \
+                expires_at timestamptz \
+             );",
+            t = self.t()
+        );
+        self.shared.init(&ddl, self.shared.schema()).await?;
+        self.check_storage().await
+    }
+
+    async fn check_storage(&self) -> Result<()> {
+        self.shared.check(COLUMNS).await
+    }
+
+    async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
+        let sql = format!(
+            "WITH attempt AS ( \
+               INSERT INTO {t} AS l (key, owner, token, acquired_at, expires_at) \
+               VALUES ($1, $2, 1, now(), now() + ($3::float8 * interval '1 millisecond')) \
+               ON CONFLICT (key) DO UPDATE \
+                 SET owner = EXCLUDED.owner, token = l.token + 1, \
+                     acquired_at = EXCLUDED.acquired_at, expires_at = EXCLUDED.expires_at \
+                 WHERE l.owner IS NULL OR l.expires_at <= now() \
+               RETURNING true AS acquired, l.owner, l.token, l.acquired_at, l.expires_at \
+             ) \
+             SELECT acquired, owner, token, acquired_at, expires_at, now() AS now FROM attempt \
+             UNION ALL \
+             SELECT false, owner, token, acquired_at, expires_at, now() FROM {t} \
+              WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM attempt)",
+            t = self.t()
+        );
+        let ttl = millis(request.ttl());
+        let rows = self
+            .shared
+            .query(
+                "try_acquire",
+                &sql,
+                &[
+                    (&request.key().as_str(), Type::TEXT),
+                    (&request.owner().as_str(), Type::TEXT),
+                    (&ttl, Type::INT8),
+                ],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            // The holder changed between the conflict and our read: held, holder unknown.
+            return Ok(AcquireOutcome::Held(None));
+        };
+        let now: SystemTime = row.try_get("now").map_err(conv)?;
+        let acquired: bool = row.try_get(0).map_err(conv)?;
+        let info = info_at(request.key(), row, 1, now)?;
+        if acquired {
+            let info = info.ok_or_else(|| Error::permanent(NAME, "acquired without an owner"))?;
+            let acquired_at = info.acquired_at.unwrap_or(now);
+            let expires_at = info.expires_at.unwrap_or(now + request.ttl());
+            let lease = Lease::new(request.key().clone(), request.owner().clone(), info.token, acquired_at)
+                .with_expiry(expires_at, request.ttl());
+            return Ok(AcquireOutcome::Acquired(lease));
+        }
+        // Held: report the holder unless the row we read was already free or expired (a race).
+        Ok(AcquireOutcome::Held(
+            info.filter(|i| i.remaining.is_some_and(|r| !r.is_zero())),
+        ))
+    }
+
+    async fn refresh(&self, lease: &Lease) -> Result<Lease> {
+        let ttl = lease.ttl.ok_or_else(|| {
+            Error::invalid("lease", "a lease without a duration cannot be refreshed")
+        })?;
+        let sql = format!(
+            "WITH upd AS ( \
+               UPDATE {t} SET expires_at = now() + ($4::float8 * interval '1 millisecond') \
+                WHERE key = $1 AND owner = $2 AND token = $3 AND expires_at > now() \
+               RETURNING acquired_at, expires_at \
+             ) \
+             SELECT true AS refreshed, acquired_at, expires_at, NULL::text AS owner, NULL::int8 AS token FROM upd \
+             UNION ALL \
+             SELECT false, acquired_at, expires_at, owner, token FROM {t} \
+              WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM upd)",
+            t = self.t()
+        );
+        let raw_token = lease.token.get() as i64;
+        let ttl_ms = millis(ttl);
+        let rows = self
+            .shared
+            .query(
+                "refresh",
+                &sql,
+                &[
+                    (&lease.key.as_str(), Type::TEXT),
+                    (&lease.owner.as_str(), Type::TEXT),
+                    (&raw_token, Type::INT8),
+                    (&ttl_ms, Type::INT8),
+                ],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Err(Error::lost(&lease.key, "the lock's row is gone"));
+        };
+        if row.try_get::<_, bool>("refreshed").map_err(conv)? {
+            let expires_at: SystemTime = row.try_get("expires_at").map_err(conv)?;
+            let mut fresh = lease.clone().with_expiry(expires_at, ttl);
+            if let Some(acquired_at) = row.try_get::<_, Option<SystemTime>>("acquired_at").map_err(conv)? {
+                fresh.acquired_at = acquired_at;
+            }
+            return Ok(fresh);
+        }
+        let current_owner: Option<String> = row.try_get("owner").map_err(conv)?;
+        let current_token: Option<i64> = row.try_get("token").map_err(conv)?;
+        let reason = match (current_owner, current_token) {
+            (Some(o), Some(t)) if o == lease.owner.as_str() && t == raw_token => {
+                "the lease expired".to_owned()
+            }
+            (Some(o), Some(t)) => format!("taken over by `{o}` (fencing token {t})"),
+            _ => "the lease was released (or force-released, or cleaned up after expiry)".to_owned(),
+        };
+        Err(Error::lost(&lease.key, reason))
+    }
+
+    async fn verify(&self, lease: &Lease) -> Result<bool> {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {t} \
+               WHERE key = $1 AND owner = $2 AND token = $3 AND expires_at > now())",
+            t = self.t()
+        );
+        let raw_token = lease.token.get() as i64;
+        let row = self
+            .shared
+            .query_one(
+                "verify",
+                &sql,
+                &[
+                    (&lease.key.as_str(), Type::TEXT),
+                    (&lease.owner.as_str(), Type::TEXT),
+                    (&raw_token, Type::INT8),
+                ],
+            )
+            .await?;
+        row.try_get(0).map_err(conv)
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool> {
+        let sql = format!(
+            "WITH r AS ( \
+               UPDATE {t} SET owner = NULL, acquired_at = NULL, expires_at = NULL \
+                WHERE key = $1 AND owner = $2 AND token = $3 AND expires_at > now() \
+               RETURNING key \
+             ), n AS MATERIALIZED (SELECT pg_notify($4, r.key) FROM r) \
+             SELECT (SELECT count(*) FROM r) AS released, (SELECT count(*) FROM n) AS notified",
+            t = self.t()
+        );
+        let raw_token = lease.token.get() as i64;
+        let row = self
+            .shared
+            .query_one(
+                "release",
+                &sql,
+                &[
+                    (&lease.key.as_str(), Type::TEXT),
+                    (&lease.owner.as_str(), Type::TEXT),
+                    (&raw_token, Type::INT8),
+                    (&self.shared.channel, Type::TEXT),
+                ],
+            )
+            .await?;
+        Ok(row.try_get::<_, i64>("released").map_err(conv)? > 0)
+    }
+
+    async fn status(&self, k: &LockKey) -> Result<LockState> {
+        let sql = format!(
+            "SELECT owner, token, acquired_at, expires_at, now() AS now FROM {t} WHERE key = $1",
+            t = self.t()
+        );
+        let rows = self
+            .shared
+            .query("status", &sql, &[(&k.as_str(), Type::TEXT)])
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(LockState::Free);
+        };
+        let now: SystemTime = row.try_get("now").map_err(conv)?;
+        Ok(match info_at(k, row, 0, now)? {
+            None => LockState::Free,
+            Some(info) if info.remaining.is_some_and(|r| r.is_zero()) => LockState::Expired(info),
+            Some(info) => LockState::Held(info),
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<LockInfo>> {
+        let sql = format!(
+            "SELECT key, owner, token, acquired_at, expires_at, now() AS now FROM {t} \
+              WHERE owner IS NOT NULL AND expires_at > now() ORDER BY key COLLATE \"C\"",
+            t = self.t()
+        );
+        let rows = self.shared.query("list", &sql, &[]).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let now: SystemTime = row.try_get("now").map_err(conv)?;
+            let k = key(NAME, row.try_get(0).map_err(conv)?)?;
+            if let Some(info) = info_at(&k, row, 1, now)? {
+                out.push(info);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn force_release(&self, k: &LockKey) -> Result<Option<LockInfo>> {
+        let sql = format!(
+            "WITH r AS ( \
+               UPDATE {t} AS l SET owner = NULL, acquired_at = NULL, expires_at = NULL \
+                 FROM (SELECT key, owner, token, acquired_at, expires_at FROM {t} \
+                        WHERE key = $1 AND owner IS NOT NULL FOR UPDATE) AS old \
+                WHERE l.key = old.key \
+               RETURNING old.owner, old.token, old.acquired_at, old.expires_at \
+             ), n AS MATERIALIZED (SELECT pg_notify($2, $1) FROM r) \
+             SELECT owner, token, acquired_at, expires_at, now() AS now, \
+                    (SELECT count(*) FROM n) AS notified \
+               FROM r",
+            t = self.t()
+        );
+        let rows = self
+            .shared
+            .query(
+                "force_release",
+                &sql,
+                &[(&k.as_str(), Type::TEXT), (&self.shared.channel, Type::TEXT)],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let now: SystemTime = row.try_get("now").map_err(conv)?;
+        info_at(k, row, 0, now)
+    }
+
+    async fn release_expired(&self) -> Result<u64> {
+        let sql = format!(
+            "WITH r AS ( \
+               UPDATE {t} SET owner = NULL, acquired_at = NULL, expires_at = NULL \
+                WHERE owner IS NOT NULL AND expires_at <= now() \
+               RETURNING key \
+             ), n AS MATERIALIZED (SELECT pg_notify($1, r.key) FROM r) \
+             SELECT (SELECT count(*) FROM r) AS released, (SELECT count(*) FROM n) AS notified",
+            t = self.t()
+        );
+        let row = self
+            .shared
+            .query_one(
+                "release_expired",
+                &sql,
+                &[(&self.shared.channel, Type::TEXT)],
+            )
+            .await?;
+        let released: i64 = row.try_get("released").map_err(conv)?;
+        Ok(released.max(0) as u64)
+    }
+
+    async fn watch_release(&self, k: &LockKey) -> Result<Option<Wakeup>> {
+        self.shared.watch_release(k).await
+    }
+
+    fn watch_lost(&self, _lease: &Lease) -> Option<Wakeup> {
+        // A lease ends by expiry, which the holder's own deadline covers, or by an operator's
+        // force release, which the refresh daemon finds at its next refresh.
+        None
+    }
+}
