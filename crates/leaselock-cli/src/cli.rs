@@ -1,0 +1,214 @@
+//! The command line, as clap parses it.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::target::DEFAULT_URL;
+
+/// Run any command under a distributed lock; show and break locks.
+///
+/// The lock lives in a database picked by --url (or LEASELOCK_URL). The default is an SQLite file
+/// `leaselock.db` in the current directory, so `leaselock run demo -- echo hi` works with no
+/// setup; point every process that should exclude the others at the same URL.
+#[derive(Debug, Parser)]
+#[command(
+    name = "leaselock",
+    version,
+    about = "Run any command under a distributed lock; show and break locks",
+    after_help = crate::exit::TABLE,
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Where locks live: sqlite://FILE (relative to the current directory),
+    /// sqlite:///ABSOLUTE/FILE, with optional ?table=NAME. Passwords are never printed.
+    #[arg(
+        long,
+        env = "LEASELOCK_URL",
+        default_value = DEFAULT_URL,
+        hide_env_values = true,
+        global = true,
+        value_name = "URL"
+    )]
+    pub url: String,
+
+    /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a command while holding the lock KEY (like flock(1), across machines).
+    ///
+    /// Acquires KEY (waiting as asked), runs COMMAND with LEASELOCK_KEY, LEASELOCK_OWNER and
+    /// LEASELOCK_TOKEN (the fencing token) in its environment, keeps the lease refreshed, and
+    /// always releases it. SIGINT, SIGTERM and SIGHUP are forwarded to the command. If the lease
+    /// is lost while the command runs, the command gets SIGTERM, then SIGKILL after
+    /// --kill-grace, and leaselock exits with --lost-exit-code (75). Otherwise the command's exit
+    /// code is passed through (128+N when it was killed by signal N).
+    #[command(after_help = crate::exit::TABLE)]
+    Run(RunArgs),
+
+    /// Show the state of the lock KEY: holder, host/pid, fencing token, times.
+    Status(StatusArgs),
+
+    /// List the locks held now.
+    List(ListArgs),
+
+    /// Break the lock KEY whoever holds it (requires --force).
+    ///
+    /// Shows what it breaks. With --if-stale it breaks only a lease that has expired (its holder
+    /// stopped refreshing it: crashed, killed, cut off), and refuses (exit 1) while the lease is
+    /// still being refreshed. With --dry-run it only shows what it would do.
+    #[command(after_help = crate::exit::TABLE)]
+    Release(ReleaseArgs),
+
+    /// Create the lock storage (table) if it is missing. Safe to run any number of times.
+    Init,
+
+    /// Check that the lock storage is reachable and initialized; say what is missing (exit 66).
+    Check,
+}
+
+/// `leaselock run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The lock's name: any non-empty UTF-8 string of at most 255 bytes.
+    pub key: String,
+
+    /// Lease duration: how long the lock outlives a holder that stops refreshing it (crashed,
+    /// killed with SIGKILL, cut off). Refreshed every third of it while the command runs.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub ttl: Duration,
+
+    /// Wait at most this long for the lock (`30s`, `5m`; `0` means --no-wait). Default: wait
+    /// as long as it takes, like flock(1).
+    #[arg(short, long, value_parser = parse_duration, value_name = "DURATION", conflicts_with = "no_wait")]
+    pub wait: Option<Duration>,
+
+    /// Fail at once (exit 1, or --conflict-exit-code) if the lock is held.
+    #[arg(short = 'n', long, visible_alias = "nonblock")]
+    pub no_wait: bool,
+
+    /// Exit code when the lock is held and --no-wait is given, or --wait runs out.
+    #[arg(short = 'E', long, default_value_t = crate::exit::CONFLICT, value_name = "CODE")]
+    pub conflict_exit_code: u8,
+
+    /// Exit code when the lease is lost while the command runs.
+    #[arg(long, default_value_t = crate::exit::LOST, value_name = "CODE")]
+    pub lost_exit_code: u8,
+
+    /// After the lease is lost: how long the command has to exit after SIGTERM before SIGKILL.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub kill_grace: Duration,
+
+    /// While waiting: how often to try again (plus up to half of it at random).
+    #[arg(long, default_value = "250ms", value_parser = parse_duration, value_name = "DURATION")]
+    pub poll_interval: Duration,
+
+    /// The owner id to hold the lock as. Default: HOST-PID-UUID, which `status` shows as host
+    /// and pid.
+    #[arg(long, value_name = "OWNER")]
+    pub owner: Option<String>,
+
+    /// Print nothing of our own while waiting or when the lock is held; errors still go to
+    /// stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// The command to run and its arguments, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+/// `leaselock status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The lock's name.
+    pub key: String,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `leaselock list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `leaselock release`.
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    /// The lock's name.
+    pub key: String,
+
+    /// Required: breaking a lock held by someone else is never implicit.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Break it only if its lease has expired; refuse (exit 1) while it is being refreshed.
+    #[arg(long)]
+    pub if_stale: bool,
+
+    /// Only show what would be broken.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses a human duration: `30s`, `5m`, `1h 30m`, `250ms`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{e} (expected a duration such as 30s, 5m or 250ms)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn run_takes_the_command_after_dashes() {
+        let cli = Cli::try_parse_from(["leaselock", "run", "k", "--ttl", "5s", "--", "echo", "-n"])
+            .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.key, "k");
+        assert_eq!(run.ttl, Duration::from_secs(5));
+        assert_eq!(run.command, ["echo", "-n"]);
+        assert!(Cli::try_parse_from(["leaselock", "run", "k", "echo"]).is_err());
+        assert!(
+            Cli::try_parse_from(["leaselock", "run", "k", "-n", "--wait", "1s", "--", "x"])
+                .is_err()
+        );
+    }
+}

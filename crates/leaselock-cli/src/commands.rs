@@ -1,0 +1,312 @@
+//! The subcommands other than `run`: `status`, `list`, `release`, `init`, `check`, and what
+//! they share with `run` (opening the storage, creating it when missing).
+
+use std::sync::Arc;
+
+use leaselock::{Error, LockBackend, LockKey, LockState, Locker};
+use serde::Serialize;
+
+use crate::cli::{Cli, Command, ListArgs, ReleaseArgs, StatusArgs};
+use crate::exit::{Failure, CONFLICT, INTERNAL, OK, STORAGE};
+use crate::logging::{out, say};
+use crate::output::{list_table, status_text, LockView, StateView};
+use crate::target::Target;
+
+/// Runs the parsed command line; returns the exit code (having printed any failure).
+pub async fn dispatch(cli: Cli) -> u8 {
+    let url = cli.url;
+    let outcome = match cli.command {
+        Command::Run(args) => crate::run::run(&url, args).await,
+        Command::Status(args) => status(&url, args).await,
+        Command::List(args) => list(&url, args).await,
+        Command::Release(args) => release(&url, args).await,
+        Command::Init => init(&url).await,
+        Command::Check => check(&url).await,
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(failure) => {
+            say(&failure.message);
+            failure.code
+        }
+    }
+}
+
+/// A validated key, or a usage failure.
+pub fn key(key: &str) -> Result<LockKey, Failure> {
+    LockKey::new(key).map_err(|e| Failure::lock("", &e))
+}
+
+/// Opens the backend behind `target`.
+pub async fn connect(target: &Target) -> Result<Arc<dyn LockBackend>, Failure> {
+    target.open().await.map_err(|e| {
+        Failure::lock(
+            &format!("cannot open lock storage {}", target.display()),
+            &e,
+        )
+    })
+}
+
+/// Creates the storage if it is missing (the check first, so a user without the right to create
+/// tables can still use storage an administrator created). `init_storage` is idempotent and safe
+/// from many processes at once.
+pub async fn ensure_storage(locker: &Locker, target: &Target) -> Result<(), Failure> {
+    match locker.check_storage().await {
+        Ok(()) => Ok(()),
+        Err(Error::NotInitialized { what, .. }) => {
+            tracing::info!(url = %target.display(), %what, "lock storage missing; creating it");
+            locker.init_storage().await.map_err(|e| {
+                Failure::lock(
+                    &format!("cannot create lock storage in {}", target.display()),
+                    &e,
+                )
+            })
+        }
+        Err(e) => Err(Failure::lock(
+            &format!("lock storage {} is not usable", target.display()),
+            &e,
+        )),
+    }
+}
+
+/// A locker with default settings over `target`'s backend, its storage created if missing.
+async fn ready_locker(target: &Target) -> Result<Locker, Failure> {
+    let locker = Locker::builder(connect(target).await?)
+        .build()
+        .map_err(|e| Failure::lock("", &e))?;
+    ensure_storage(&locker, target).await?;
+    Ok(locker)
+}
+
+fn json<T: Serialize>(value: &T) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Failure::new(INTERNAL, format!("cannot encode JSON: {e}")))?;
+    out(&text);
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    url: &'a str,
+    backend: &'a str,
+    key: &'a str,
+    #[serde(flatten)]
+    state: StateView,
+}
+
+async fn status(url: &str, args: StatusArgs) -> Result<u8, Failure> {
+    let key = key(&args.key)?;
+    let target = Target::parse(url)?;
+    let locker = ready_locker(&target).await?;
+    let state = locker
+        .status(key.as_str())
+        .await
+        .map_err(|e| Failure::lock(&format!("cannot read the state of `{key}`"), &e))?;
+    if args.json {
+        json(&StatusJson {
+            url: target.display(),
+            backend: locker.capabilities().backend,
+            key: key.as_str(),
+            state: StateView::new(&state),
+        })?;
+    } else {
+        out(&status_text(key.as_str(), &state));
+    }
+    Ok(OK)
+}
+
+#[derive(Serialize)]
+struct ListJson<'a> {
+    url: &'a str,
+    backend: &'a str,
+    locks: Vec<LockView>,
+}
+
+async fn list(url: &str, args: ListArgs) -> Result<u8, Failure> {
+    let target = Target::parse(url)?;
+    let locker = ready_locker(&target).await?;
+    let locks = locker
+        .list()
+        .await
+        .map_err(|e| Failure::lock("cannot list locks", &e))?;
+    let views: Vec<LockView> = locks.iter().map(LockView::new).collect();
+    if args.json {
+        json(&ListJson {
+            url: target.display(),
+            backend: locker.capabilities().backend,
+            locks: views,
+        })?;
+    } else {
+        out(&list_table(&views));
+    }
+    Ok(OK)
+}
+
+#[derive(Serialize)]
+struct ReleaseJson<'a> {
+    url: &'a str,
+    backend: &'a str,
+    key: &'a str,
+    dry_run: bool,
+    if_stale: bool,
+    /// `none` (it was free), `would_release` (dry run), `released`, `refused` (live lease and
+    /// --if-stale), `raced` (acquired again between the check and the break; left alone).
+    action: &'static str,
+    before: StateView,
+    /// The holder that was removed, when one was.
+    removed: Option<LockView>,
+}
+
+async fn release(url: &str, args: ReleaseArgs) -> Result<u8, Failure> {
+    if !args.force {
+        return Err(Failure::usage(
+            "`release` breaks a lock whoever holds it: add --force (with --if-stale to break it \
+             only once its lease has expired, --dry-run to only show it)",
+        ));
+    }
+    let key = key(&args.key)?;
+    let target = Target::parse(url)?;
+    let locker = ready_locker(&target).await?;
+    let read_failed = |e: Error| Failure::lock(&format!("cannot read the state of `{key}`"), &e);
+    let break_failed = |e: Error| Failure::lock(&format!("cannot break `{key}`"), &e);
+    let before = locker.status(key.as_str()).await.map_err(read_failed)?;
+    let mut removed = None;
+    let (action, code, message) = match &before {
+        LockState::Free => ("none", OK, format!("`{key}` is free; nothing to release")),
+        LockState::Held(info) if args.if_stale => (
+            "refused",
+            CONFLICT,
+            format!(
+                "refusing to break `{key}`: its lease is live (held by {}; it expires unless \
+                 refreshed); --if-stale breaks only a lease that expired because its holder \
+                 stopped refreshing it",
+                LockView::new(info).holder_line()
+            ),
+        ),
+        LockState::Held(info) | LockState::Expired(info) if args.dry_run => (
+            "would_release",
+            OK,
+            format!(
+                "would break `{key}`, {} by {}",
+                if before.is_held() {
+                    "held"
+                } else {
+                    "last held (expired)"
+                },
+                LockView::new(info).holder_line()
+            ),
+        ),
+        LockState::Expired(info) if args.if_stale => {
+            // The backend's release of expired leases is atomic: a lease refreshed or acquired
+            // again after our read is never broken. It also clears other keys' expired leases,
+            // which changes nothing for anyone (an expired lease is free to take).
+            let cleared = locker.release_expired().await.map_err(break_failed)?;
+            tracing::info!(cleared, "released expired leases");
+            match locker.status(key.as_str()).await.map_err(read_failed)? {
+                LockState::Free => {
+                    removed = Some(LockView::new(info));
+                    (
+                        "released",
+                        OK,
+                        format!(
+                            "broke stale lock `{key}` of {}",
+                            LockView::new(info).holder_line()
+                        ),
+                    )
+                }
+                LockState::Held(now) => (
+                    "raced",
+                    CONFLICT,
+                    format!(
+                        "`{key}` was acquired again meanwhile by {}; left alone",
+                        LockView::new(&now).holder_line()
+                    ),
+                ),
+                LockState::Expired(_) => {
+                    return Err(Failure::new(
+                        STORAGE,
+                        format!("the backend did not release the expired lease on `{key}`"),
+                    ))
+                }
+            }
+        }
+        LockState::Held(_) | LockState::Expired(_) => {
+            match locker
+                .force_release(key.as_str())
+                .await
+                .map_err(break_failed)?
+            {
+                Some(previous) => {
+                    let view = LockView::new(&previous);
+                    let message = format!("broke `{key}` held by {}", view.holder_line());
+                    removed = Some(view);
+                    ("released", OK, message)
+                }
+                None => (
+                    "none",
+                    OK,
+                    format!("`{key}` was released meanwhile; nothing to break"),
+                ),
+            }
+        }
+    };
+    if args.json {
+        json(&ReleaseJson {
+            url: target.display(),
+            backend: locker.capabilities().backend,
+            key: key.as_str(),
+            dry_run: args.dry_run,
+            if_stale: args.if_stale,
+            action,
+            before: StateView::new(&before),
+            removed,
+        })?;
+    } else if code == OK {
+        out(&message);
+    } else {
+        say(&message);
+    }
+    Ok(code)
+}
+
+async fn init(url: &str) -> Result<u8, Failure> {
+    let target = Target::parse(url)?;
+    let backend = connect(&target).await?;
+    let name = backend.capabilities().backend;
+    backend.init_storage().await.map_err(|e| {
+        Failure::lock(
+            &format!("cannot create lock storage in {}", target.display()),
+            &e,
+        )
+    })?;
+    out(&format!(
+        "lock storage ready: {} ({name})",
+        target.display()
+    ));
+    Ok(OK)
+}
+
+async fn check(url: &str) -> Result<u8, Failure> {
+    let target = Target::parse(url)?;
+    if let Some(missing) = target.missing_file() {
+        return Err(Failure::new(
+            STORAGE,
+            format!(
+                "check failed for {}: the database file {} does not exist (run `leaselock init`)",
+                target.display(),
+                missing.display()
+            ),
+        ));
+    }
+    let backend = connect(&target).await?;
+    let name = backend.capabilities().backend;
+    backend
+        .check_storage()
+        .await
+        .map_err(|e| Failure::lock(&format!("check failed for {}", target.display()), &e))?;
+    out(&format!(
+        "ok: lock storage {} is reachable and initialized ({name})",
+        target.display()
+    ));
+    Ok(OK)
+}

@@ -1,0 +1,401 @@
+//! `leaselock run`: a distributed flock(1).
+//!
+//! Acquire (waiting as asked, reporting the holder), spawn the command with the lock's identity
+//! in its environment, supervise it (forward signals, stop it when the lease is lost), always
+//! release, pass its exit code through.
+
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use leaselock::{
+    validate_lease_duration, Error, HookResult, LockGuard, LockHooks, LockInfo, LockKey, Locker,
+    LockerBuilder, MemoryBackend, OwnerId, WaitPolicy,
+};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::Child;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::Instant;
+
+use crate::cli::RunArgs;
+use crate::commands::{connect, ensure_storage, key};
+use crate::exit::{from_status, Failure, CANNOT_RUN, INTERNAL, SIGNALED};
+use crate::logging::say;
+use crate::output::{human_duration, LockView};
+use crate::target::Target;
+
+/// "Wait as long as it takes": a year, the longest wait the orchestrator accepts.
+const FOREVER: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// How often the waiting message repeats.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs `leaselock run`; returns the exit code.
+pub async fn run(url: &str, args: RunArgs) -> Result<u8, Failure> {
+    // Everything is checked before anything is opened: bad input touches nothing.
+    let Some((program, program_args)) = args.command.split_first() else {
+        return Err(Failure::usage(
+            "missing command: usage: leaselock run KEY [OPTIONS] -- COMMAND [ARGS]...",
+        ));
+    };
+    let key = key(&args.key)?;
+    validate_lease_duration("--ttl", args.ttl).map_err(|e| Failure::lock("", &e))?;
+    if args.poll_interval < Duration::from_millis(1) {
+        return Err(Failure::usage(
+            "invalid --poll-interval: must be at least 1ms",
+        ));
+    }
+    if let Some(owner) = &args.owner {
+        OwnerId::new(owner.as_str()).map_err(|e| Failure::lock("", &e))?;
+    }
+    let wait = wait_policy(&args);
+    let reporter = Arc::new(WaitReporter::new(args.quiet, &args));
+    let configure = |builder: LockerBuilder| {
+        let builder = builder
+            .lease_duration(args.ttl)
+            .refresh(true)
+            .wait(wait.clone())
+            .shared_hooks(Arc::clone(&reporter) as Arc<dyn LockHooks>);
+        match &args.owner {
+            Some(owner) => builder.owner(owner.as_str()),
+            None => builder,
+        }
+    };
+    // The same settings over an in-memory backend: the builder's own checks, with no storage.
+    configure(Locker::builder(MemoryBackend::new()))
+        .build()
+        .map_err(|e| Failure::lock("", &e))?;
+    let target = Target::parse(url)?;
+
+    // From here on signals are ours to handle (and forward), also while waiting.
+    let mut signals = Signals::install()
+        .map_err(|e| Failure::new(INTERNAL, format!("cannot handle signals: {e}")))?;
+
+    let backend = connect(&target).await?;
+    let locker = configure(Locker::builder(backend))
+        .build()
+        .map_err(|e| Failure::lock("", &e))?;
+    ensure_storage(&locker, &target).await?;
+
+    let acquired = tokio::select! {
+        acquired = locker.acquire(key.as_str()) => acquired,
+        sig = signals.recv() => {
+            say(&format!("{} while waiting for `{key}`; not running the command", sig.as_str()));
+            return Ok(signal_code(sig));
+        }
+    };
+    let guard = match acquired {
+        Ok(Some(guard)) => guard,
+        Ok(None) => return Ok(args.conflict_exit_code),
+        Err(Error::Held { holder, .. }) => {
+            if !args.quiet {
+                say(&held_message(&key, holder.as_deref(), &args, &reporter));
+            }
+            return Ok(args.conflict_exit_code);
+        }
+        Err(e) => return Err(Failure::lock(&format!("cannot acquire `{key}`"), &e)),
+    };
+    reporter.report_acquired(&key);
+    tracing::info!(%key, owner = %guard.owner(), token = %guard.token(), "lock acquired; starting the command");
+
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(program_args)
+        .env("LEASELOCK_KEY", key.as_str())
+        .env("LEASELOCK_OWNER", guard.owner().as_str())
+        .env("LEASELOCK_TOKEN", guard.token().to_string());
+    let child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            release(guard, &key, args.ttl).await;
+            return Err(Failure::new(
+                CANNOT_RUN,
+                format!("cannot run `{}`: {e}", program.to_string_lossy()),
+            ));
+        }
+    };
+
+    let end = supervise(child, &guard, &mut signals, &key, args.kill_grace).await;
+    let lost_before_release = guard.is_lost();
+    let still_held = release(guard, &key, args.ttl).await;
+    match end {
+        Err(e) => Err(Failure::new(
+            INTERNAL,
+            format!("lost track of the command: {e}"),
+        )),
+        Ok(End::Lost { status }) => {
+            say(&format!(
+                "the command ended ({}) after the lease on `{key}` was lost; exiting with {}",
+                describe_status(status),
+                args.lost_exit_code
+            ));
+            Ok(args.lost_exit_code)
+        }
+        Ok(End::Exited(status)) => {
+            if lost_before_release || still_held == Some(false) {
+                say(&format!(
+                    "the lease on `{key}` was lost by the time the command ended ({}); it may \
+                     have run partly without the lock; exiting with {}",
+                    describe_status(status),
+                    args.lost_exit_code
+                ));
+                return Ok(args.lost_exit_code);
+            }
+            Ok(from_status(status))
+        }
+    }
+}
+
+fn wait_policy(args: &RunArgs) -> WaitPolicy {
+    let jitter = args.poll_interval / 2;
+    match args.wait {
+        _ if args.no_wait => WaitPolicy::fail_fast(),
+        Some(wait) if wait.is_zero() => WaitPolicy::fail_fast(),
+        Some(wait) => WaitPolicy::until(wait, args.poll_interval).with_jitter(jitter),
+        None => WaitPolicy::until(FOREVER, args.poll_interval).with_jitter(jitter),
+    }
+}
+
+fn held_message(
+    key: &LockKey,
+    holder: Option<&LockInfo>,
+    args: &RunArgs,
+    reporter: &WaitReporter,
+) -> String {
+    let holder = holder.map_or_else(
+        || "another owner".to_owned(),
+        |h| LockView::new(h).holder_line(),
+    );
+    match reporter.waited() {
+        Some(waited) if !args.no_wait => {
+            format!(
+                "`{key}` is still held by {holder}; gave up after {}",
+                human_duration(waited)
+            )
+        }
+        _ => format!("`{key}` is held by {holder}"),
+    }
+}
+
+/// Releases the lock, warning when that fails. `Some(was_held)` on success.
+async fn release(guard: LockGuard, key: &LockKey, ttl: Duration) -> Option<bool> {
+    match guard.release().await {
+        Ok(was_held) => Some(was_held),
+        Err(e) => {
+            say(&format!(
+                "could not release `{key}`: {}; it will expire within {}",
+                crate::exit::describe(&e),
+                human_duration(ttl)
+            ));
+            None
+        }
+    }
+}
+
+/// How the command ended.
+enum End {
+    /// On its own (or after a forwarded signal), with the lease held throughout.
+    Exited(ExitStatus),
+    /// After the lease was lost and it was told to stop.
+    Lost { status: ExitStatus },
+}
+
+/// Waits for the command, forwarding signals to it, and stops it (SIGTERM, then SIGKILL after
+/// `grace`) when the lease is lost.
+async fn supervise(
+    mut child: Child,
+    guard: &LockGuard,
+    signals: &mut Signals,
+    key: &LockKey,
+    grace: Duration,
+) -> std::io::Result<End> {
+    // The child is reaped only by `wait` below, so its pid cannot be reused while we signal it.
+    let pid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw);
+    let lost_signal = guard.lost().clone();
+    let mut lost = false;
+    let mut kill_at: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                let status = status?;
+                return Ok(if lost { End::Lost { status } } else { End::Exited(status) });
+            }
+            reason = lost_signal.wait(), if !lost => {
+                lost = true;
+                say(&format!(
+                    "the lease on `{key}` was lost while the command ran ({reason}); sending \
+                     SIGTERM to it, SIGKILL in {}",
+                    human_duration(grace)
+                ));
+                send(pid, Signal::SIGTERM);
+                kill_at = Some(Instant::now() + grace);
+            }
+            _ = sleep_until(kill_at), if kill_at.is_some() => {
+                say(&format!(
+                    "the command did not exit within {} of SIGTERM; sending SIGKILL",
+                    human_duration(grace)
+                ));
+                send(pid, Signal::SIGKILL);
+                kill_at = None;
+            }
+            sig = signals.recv() => {
+                tracing::info!(signal = sig.as_str(), "forwarding signal to the command");
+                send(pid, sig);
+            }
+        }
+    }
+}
+
+fn send(pid: Option<Pid>, sig: Signal) {
+    let Some(pid) = pid else { return };
+    if let Err(e) = kill(pid, sig) {
+        tracing::debug!(signal = sig.as_str(), %e, "could not signal the command (already gone?)");
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn signal_code(sig: Signal) -> u8 {
+    SIGNALED.saturating_add(u8::try_from(sig as i32).unwrap_or(127))
+}
+
+fn describe_status(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(sig) => format!("killed by {}", sig.as_str()),
+            Err(_) => format!("killed by signal {sig}"),
+        },
+        _ => status.to_string(),
+    }
+}
+
+/// The signals leaselock handles while it waits and while the command runs.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next signal received.
+    async fn recv(&mut self) -> Signal {
+        tokio::select! {
+            Some(()) = self.interrupt.recv() => Signal::SIGINT,
+            Some(()) = self.terminate.recv() => Signal::SIGTERM,
+            Some(()) = self.hangup.recv() => Signal::SIGHUP,
+            else => std::future::pending().await,
+        }
+    }
+}
+
+/// Tells the user on stderr, every few seconds, who holds the lock while `run` waits for it.
+struct WaitReporter {
+    quiet: bool,
+    limit: String,
+    state: Mutex<ReportState>,
+    reported: AtomicBool,
+}
+
+#[derive(Default)]
+struct ReportState {
+    started: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl WaitReporter {
+    fn new(quiet: bool, args: &RunArgs) -> Self {
+        let limit = match args.wait {
+            Some(wait) => format!("up to {}", human_duration(wait)),
+            None => "as long as it takes".to_owned(),
+        };
+        Self {
+            quiet,
+            limit,
+            state: Mutex::new(ReportState::default()),
+            reported: AtomicBool::new(false),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ReportState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long the acquisition has waited so far.
+    fn waited(&self) -> Option<Duration> {
+        self.state().started.map(|s| s.elapsed())
+    }
+
+    fn report_acquired(&self, key: &LockKey) {
+        if self.reported.load(Ordering::Relaxed) {
+            let waited = self.waited().unwrap_or_default();
+            say(&format!(
+                "acquired `{key}` after waiting {}",
+                human_duration(waited)
+            ));
+        }
+    }
+}
+
+#[leaselock::async_trait]
+impl LockHooks for WaitReporter {
+    async fn before_acquire(&self, _key: &LockKey, _owner: &OwnerId) -> HookResult {
+        self.state().started = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn retry(&self, key: &LockKey, _attempt: u32, holder: Option<&LockInfo>) -> HookResult {
+        if self.quiet {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let (first, waited) = {
+            let mut state = self.state();
+            if state
+                .last
+                .is_some_and(|last| now.duration_since(last) < REPORT_EVERY)
+            {
+                return Ok(());
+            }
+            let first = state.last.is_none();
+            state.last = Some(now);
+            (first, state.started.map(|s| now.duration_since(s)))
+        };
+        let holder = holder.map_or_else(
+            || "an owner it could not name (or the storage is busy)".to_owned(),
+            |h| LockView::new(h).holder_line(),
+        );
+        if first {
+            say(&format!(
+                "`{key}` is held by {holder}; waiting {}",
+                self.limit
+            ));
+        } else {
+            say(&format!(
+                "still waiting for `{key}` ({} so far), held by {holder}",
+                human_duration(waited.unwrap_or_default())
+            ));
+        }
+        self.reported.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+}

@@ -1,0 +1,642 @@
+//! The real `leaselock` binary against SQLite files in temporary directories.
+//!
+//! No assertion depends on timing: waits are bounded by generous timeouts only so that a broken
+//! build fails instead of hanging.
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_leaselock");
+/// Only a bound against hangs; nothing should come close.
+const TIMEOUT: Duration = Duration::from_secs(180);
+/// A password that must never appear in any output.
+const SECRET: &str = "Sup3rSecretPw";
+
+/// A temporary directory with its own lock database.
+struct Env {
+    dir: tempfile::TempDir,
+    /// Where each process's stdout/stderr go (files, not pipes: an orphaned grandchild holding
+    /// a pipe open would block reading it).
+    logs: tempfile::TempDir,
+    seq: AtomicUsize,
+}
+
+/// A finished process.
+#[derive(Debug)]
+struct Done {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Done {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.stdout))
+    }
+}
+
+/// A running process.
+struct Proc {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait(mut self) -> Done {
+        let deadline = Instant::now() + TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "leaselock did not finish within {TIMEOUT:?}; stderr: {}",
+                    fs::read_to_string(&self.err).unwrap_or_default()
+                );
+            }
+            sleep(Duration::from_millis(20));
+        };
+        Done {
+            code: status.code(),
+            stdout: fs::read_to_string(&self.out).unwrap_or_default(),
+            stderr: fs::read_to_string(&self.err).unwrap_or_default(),
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    fn kill_hard(mut self) {
+        self.child.kill().expect("kill -9 leaselock");
+        self.child.wait().expect("reap leaselock");
+    }
+}
+
+impl Env {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+            logs: tempfile::tempdir().expect("tempdir"),
+            seq: AtomicUsize::new(0),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn url(&self) -> String {
+        format!("sqlite://{}", self.path("locks.db").display())
+    }
+
+    /// `leaselock ARGS` in this directory; `url`: `None` leaves LEASELOCK_URL unset (the default
+    /// URL, in this directory).
+    fn command(&self, url: Option<&str>, args: &[&str]) -> (Command, PathBuf, PathBuf) {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let out = self.logs.path().join(format!("{n}.out"));
+        let err = self.logs.path().join(format!("{n}.err"));
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .env_remove("RUST_LOG")
+            .env_remove("LEASELOCK_URL")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out).expect("stdout file"))
+            .stderr(fs::File::create(&err).expect("stderr file"));
+        if let Some(url) = url {
+            cmd.env("LEASELOCK_URL", url);
+        }
+        (cmd, out, err)
+    }
+
+    fn spawn_with(&self, url: Option<&str>, args: &[&str]) -> Proc {
+        let (mut cmd, out, err) = self.command(url, args);
+        Proc {
+            child: cmd.spawn().expect("spawn leaselock"),
+            out,
+            err,
+        }
+    }
+
+    fn spawn(&self, args: &[&str]) -> Proc {
+        self.spawn_with(Some(&self.url()), args)
+    }
+
+    fn run(&self, args: &[&str]) -> Done {
+        self.spawn(args).wait()
+    }
+
+    fn run_with(&self, url: Option<&str>, args: &[&str]) -> Done {
+        self.spawn_with(url, args).wait()
+    }
+
+    fn wait_for_file(&self, name: &str) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !self.path(name).exists() {
+            assert!(Instant::now() < deadline, "{name} never appeared");
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn status(&self, key: &str) -> Value {
+        let done = self.run(&["status", key, "--json"]);
+        assert_eq!(done.code, Some(0), "{done:?}");
+        done.json()
+    }
+
+    /// Starts `leaselock run KEY EXTRA... -- sh -c SCRIPT` and waits until the script has
+    /// created `started` (it must).
+    fn hold(&self, key: &str, extra: &[&str], script: &str) -> Proc {
+        let mut args = vec!["run", key];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", script]);
+        let proc = self.spawn(&args);
+        self.wait_for_file("started");
+        proc
+    }
+}
+
+fn assert_one_line_error(done: &Done, what: &str) {
+    let stderr = done.stderr.trim_end();
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "{what}: expected a one-line error, got {stderr:?}"
+    );
+    assert!(
+        stderr.starts_with("leaselock: "),
+        "{what}: unexpected error format {stderr:?}"
+    );
+}
+
+/// A script that holds the lock until the file `stop` appears.
+const HOLD_UNTIL_STOP: &str = "touch started; while [ ! -e stop ]; do sleep 0.05; done";
+
+#[test]
+fn eight_processes_never_overlap_and_lose_no_update() {
+    let env = Env::new();
+    fs::write(env.path("counter"), "0\n").unwrap();
+    // A read-modify-write with a pause inside: without mutual exclusion updates get lost, and
+    // the start/end markers of two sections interleave.
+    let script = r#"echo "start $LEASELOCK_TOKEN" >> log
+n=$(cat counter)
+sleep 0.05
+echo $((n+1)) > counter
+echo "end $LEASELOCK_TOKEN" >> log"#;
+    let procs: Vec<Proc> = (0..8)
+        .map(|_| {
+            env.spawn(&[
+                "run",
+                "shared-counter",
+                "--wait",
+                "3m",
+                "--ttl",
+                "20s",
+                "-q",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ])
+        })
+        .collect();
+    for proc in procs {
+        let done = proc.wait();
+        assert_eq!(done.code, Some(0), "{done:?}");
+    }
+    let counter = fs::read_to_string(env.path("counter")).unwrap();
+    assert_eq!(counter.trim(), "8", "lost updates");
+    let log = fs::read_to_string(env.path("log")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 16, "{log}");
+    let mut last_token = 0u64;
+    for pair in lines.chunks(2) {
+        let start = pair[0].strip_prefix("start ").expect(&log);
+        let end = pair[1].strip_prefix("end ").expect(&log);
+        assert_eq!(start, end, "critical sections overlapped:\n{log}");
+        let token: u64 = start.parse().expect("fencing token");
+        assert!(token > last_token, "fencing tokens must increase:\n{log}");
+        last_token = token;
+    }
+    assert_eq!(env.status("shared-counter")["state"], "free");
+}
+
+#[test]
+fn no_wait_on_a_held_key_exits_with_the_conflict_code() {
+    let env = Env::new();
+    let holder = env.hold("busy", &[], HOLD_UNTIL_STOP);
+
+    let done = env.run(&["run", "busy", "--no-wait", "--", "touch", "ran"]);
+    assert_eq!(done.code, Some(1), "{done:?}");
+    assert_one_line_error(&done, "conflict");
+    assert!(done.stderr.contains("held by"), "{done:?}");
+    assert!(
+        done.stderr.contains(&format!("pid {}", holder.pid())),
+        "{done:?}"
+    );
+    assert!(!env.path("ran").exists(), "the command must not run");
+
+    let done = env.run(&["run", "busy", "-n", "-E", "42", "--", "true"]);
+    assert_eq!(done.code, Some(42), "{done:?}");
+    let done = env.run(&["run", "busy", "--wait", "0", "--", "true"]);
+    assert_eq!(done.code, Some(1), "--wait 0 means --no-wait: {done:?}");
+    let done = env.run(&["run", "busy", "--wait", "300ms", "--", "true"]);
+    assert_eq!(done.code, Some(1), "--wait timing out: {done:?}");
+    assert!(done.stderr.contains("gave up"), "{done:?}");
+    let done = env.run(&["run", "busy", "-n", "--quiet", "--", "true"]);
+    assert_eq!(done.code, Some(1), "{done:?}");
+    assert_eq!(done.stderr, "", "--quiet prints nothing on conflict");
+
+    fs::write(env.path("stop"), "").unwrap();
+    let done = holder.wait();
+    assert_eq!(done.code, Some(0), "{done:?}");
+    let done = env.run(&["run", "busy", "--no-wait", "--", "touch", "ran"]);
+    assert_eq!(done.code, Some(0), "{done:?}");
+    assert!(env.path("ran").exists());
+}
+
+#[test]
+fn a_waiter_runs_once_the_holder_is_done() {
+    let env = Env::new();
+    let holder = env.hold("queue", &[], HOLD_UNTIL_STOP);
+    let waiter = env.spawn(&["run", "queue", "--", "sh", "-c", "echo waited > waited"]);
+    // The waiter reports who holds the lock before it gets it.
+    let deadline = Instant::now() + TIMEOUT;
+    while !fs::read_to_string(&waiter.err)
+        .unwrap_or_default()
+        .contains("waiting")
+    {
+        assert!(Instant::now() < deadline, "the waiter never said it waits");
+        sleep(Duration::from_millis(20));
+    }
+    assert!(!env.path("waited").exists(), "ran while the lock was held");
+    fs::write(env.path("stop"), "").unwrap();
+    assert_eq!(holder.wait().code, Some(0));
+    let done = waiter.wait();
+    assert_eq!(done.code, Some(0), "{done:?}");
+    assert!(
+        done.stderr.contains("acquired `queue` after waiting"),
+        "{done:?}"
+    );
+    assert_eq!(fs::read_to_string(env.path("waited")).unwrap(), "waited\n");
+}
+
+#[test]
+fn exit_codes_and_environment_pass_through() {
+    let env = Env::new();
+    let done = env.run(&["run", "codes", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(done.code, Some(7), "{done:?}");
+    let done = env.run(&["run", "codes", "--", "true"]);
+    assert_eq!(done.code, Some(0), "{done:?}");
+    let done = env.run(&["run", "codes", "--", "sh", "-c", "kill -TERM $$"]);
+    assert_eq!(done.code, Some(128 + 15), "killed by SIGTERM: {done:?}");
+    let done = env.run(&["run", "codes", "--", "sh", "-c", "kill -KILL $$"]);
+    assert_eq!(done.code, Some(128 + 9), "killed by SIGKILL: {done:?}");
+    let done = env.run(&["run", "codes", "--", "./no-such-command"]);
+    assert_eq!(done.code, Some(69), "{done:?}");
+    assert_one_line_error(&done, "cannot run");
+
+    let done = env.run(&[
+        "run",
+        "codes",
+        "--",
+        "sh",
+        "-c",
+        r#"echo "$LEASELOCK_KEY|$LEASELOCK_OWNER|$LEASELOCK_TOKEN"; echo out-of-child"#,
+    ]);
+    assert_eq!(done.code, Some(0), "{done:?}");
+    let mut lines = done.stdout.lines();
+    let fields: Vec<&str> = lines.next().unwrap().split('|').collect();
+    assert_eq!(fields[0], "codes");
+    assert!(!fields[1].is_empty(), "owner");
+    let token: u64 = fields[2].parse().expect("numeric fencing token");
+    assert!(token > 0);
+    assert_eq!(lines.next(), Some("out-of-child"));
+    let done = env.run(&["run", "codes", "--", "sh", "-c", "echo $LEASELOCK_TOKEN"]);
+    assert!(
+        done.stdout.trim().parse::<u64>().unwrap() > token,
+        "{done:?}"
+    );
+    // Every run released the lock, whatever its exit.
+    assert_eq!(env.status("codes")["state"], "free");
+}
+
+#[test]
+fn a_killed_holder_leaves_a_lock_that_if_stale_breaks_once_stale() {
+    let env = Env::new();
+    let holder = env.hold(
+        "crashy",
+        &["--ttl", "3s"],
+        "echo $$ > child.pid; touch started; exec sleep 120",
+    );
+    let holder_pid = holder.pid();
+    let before = env.status("crashy");
+    assert_eq!(before["state"], "held", "{before}");
+    assert_eq!(before["lock"]["pid"], holder_pid, "{before}");
+    let token = before["lock"]["token"].as_u64().unwrap();
+
+    // While the holder lives it refreshes its lease: --if-stale refuses.
+    let done = env.run(&["release", "crashy", "--force", "--if-stale"]);
+    assert_eq!(done.code, Some(1), "{done:?}");
+    assert_one_line_error(&done, "refusal");
+    assert_eq!(env.status("crashy")["state"], "held");
+
+    holder.kill_hard();
+    // The lock is still there (held until its lease runs out, then expired).
+    let after = env.status("crashy");
+    assert!(
+        after["state"] == "held" || after["state"] == "expired",
+        "{after}"
+    );
+    assert_eq!(after["lock"]["owner"], before["lock"]["owner"]);
+    let text = env.run(&["status", "crashy"]);
+    assert!(
+        text.stdout.contains(&format!("pid:         {holder_pid}")),
+        "{text:?}"
+    );
+
+    // Once stale, --if-stale breaks it; until then it refuses (exit 1) and changes nothing.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let done = env.run(&["release", "crashy", "--force", "--if-stale", "--json"]);
+        match done.code {
+            Some(0) => {
+                let json = done.json();
+                assert_eq!(json["action"], "released", "{json}");
+                assert_eq!(json["before"]["state"], "expired", "{json}");
+                assert_eq!(json["removed"]["token"], token, "{json}");
+                break;
+            }
+            Some(1) => assert_eq!(done.json()["action"], "refused"),
+            _ => panic!("unexpected: {done:?}"),
+        }
+        assert!(Instant::now() < deadline, "the lease never became stale");
+        sleep(Duration::from_millis(200));
+    }
+    assert_eq!(env.status("crashy")["state"], "free");
+
+    // The orphaned command keeps running without the lock (nothing can tell it); clean up.
+    let child_pid = fs::read_to_string(env.path("child.pid")).unwrap();
+    let _ = Command::new("kill").arg(child_pid.trim()).status();
+
+    // The next holder gets a larger fencing token.
+    let done = env.run(&["run", "crashy", "--", "sh", "-c", "echo $LEASELOCK_TOKEN"]);
+    assert_eq!(done.code, Some(0), "{done:?}");
+    assert!(done.stdout.trim().parse::<u64>().unwrap() > token);
+}
+
+#[test]
+fn a_lost_lease_stops_the_command_with_the_lost_code() {
+    let env = Env::new();
+    // A command that ignores SIGTERM: it gets SIGKILL after the grace period.
+    let holder = env.hold(
+        "fragile",
+        &["--ttl", "2s", "--kill-grace", "500ms"],
+        "trap '' TERM; touch started; while :; do sleep 0.1; done",
+    );
+    let done = env.run(&["release", "fragile", "--force"]);
+    assert_eq!(done.code, Some(0), "{done:?}");
+    assert!(done.stdout.contains("broke `fragile`"), "{done:?}");
+    let done = holder.wait();
+    assert_eq!(done.code, Some(75), "{done:?}");
+    assert!(done.stderr.contains("lost"), "{done:?}");
+    assert!(done.stderr.contains("SIGKILL"), "{done:?}");
+
+    // A command that stops on SIGTERM, with a chosen exit code.
+    fs::remove_file(env.path("started")).unwrap();
+    let holder = env.hold(
+        "fragile",
+        &["--ttl", "2s", "--lost-exit-code", "99"],
+        "trap 'echo stopped > stopped; exit 0' TERM; touch started; while :; do sleep 0.05; done",
+    );
+    assert_eq!(env.run(&["release", "fragile", "--force"]).code, Some(0));
+    let done = holder.wait();
+    assert_eq!(done.code, Some(99), "{done:?}");
+    assert_eq!(
+        fs::read_to_string(env.path("stopped")).unwrap(),
+        "stopped\n"
+    );
+    assert_eq!(env.status("fragile")["state"], "free");
+}
+
+#[test]
+fn sigterm_is_forwarded_and_the_lock_released() {
+    let env = Env::new();
+    let holder = env.hold(
+        "graceful",
+        &[],
+        "trap 'echo got-term > term; exit 3' TERM; touch started; while :; do sleep 0.05; done",
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &holder.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let done = holder.wait();
+    assert_eq!(done.code, Some(3), "the command's own exit code: {done:?}");
+    assert_eq!(fs::read_to_string(env.path("term")).unwrap(), "got-term\n");
+    assert_eq!(env.status("graceful")["state"], "free");
+}
+
+#[test]
+fn json_output_parses() {
+    let env = Env::new();
+    let holder = env.hold("report", &["--ttl", "30s"], HOLD_UNTIL_STOP);
+
+    let status = env.status("report");
+    assert_eq!(status["key"], "report");
+    assert_eq!(status["backend"], "sqlite");
+    assert_eq!(status["url"], env.url());
+    assert_eq!(status["state"], "held");
+    let lock = &status["lock"];
+    assert_eq!(lock["pid"], holder.pid());
+    assert!(lock["owner"]
+        .as_str()
+        .unwrap()
+        .contains(&holder.pid().to_string()));
+    assert!(lock["host"].is_string());
+    assert!(lock["token"].as_u64().unwrap() >= 1);
+    assert!(lock["acquired_at"].as_str().unwrap().ends_with('Z'));
+    assert!(lock["expires_at"].as_str().unwrap().ends_with('Z'));
+    assert!(lock["remaining_ms"].as_u64().unwrap() <= 30_000);
+
+    let done = env.run(&["list", "--json"]);
+    assert_eq!(done.code, Some(0), "{done:?}");
+    let list = done.json();
+    let locks = list["locks"].as_array().unwrap();
+    assert_eq!(locks.len(), 1, "{list}");
+    assert_eq!(locks[0]["key"], "report");
+    assert_eq!(locks[0]["token"], lock["token"]);
+    let table = env.run(&["list"]);
+    assert!(table.stdout.starts_with("KEY"), "{table:?}");
+    assert!(table.stdout.contains("report"), "{table:?}");
+
+    let done = env.run(&["release", "report", "--force", "--dry-run", "--json"]);
+    assert_eq!(done.code, Some(0), "{done:?}");
+    let dry = done.json();
+    assert_eq!(dry["action"], "would_release", "{dry}");
+    assert_eq!(dry["before"]["lock"]["token"], lock["token"]);
+    assert!(dry["removed"].is_null());
+    assert_eq!(
+        env.status("report")["state"],
+        "held",
+        "a dry run breaks nothing"
+    );
+
+    let done = env.run(&["release", "report", "--force", "--json"]);
+    assert_eq!(done.code, Some(0), "{done:?}");
+    let released = done.json();
+    assert_eq!(released["action"], "released", "{released}");
+    assert_eq!(released["removed"]["token"], lock["token"]);
+    assert_eq!(
+        holder.wait().code,
+        Some(75),
+        "the holder learns it lost the lease"
+    );
+
+    let done = env.run(&["release", "report", "--force", "--json"]);
+    assert_eq!(done.json()["action"], "none");
+    let done = env.run(&["list", "--json"]);
+    assert_eq!(done.json()["locks"], Value::Array(vec![]));
+}
+
+#[test]
+fn the_default_url_needs_no_setup() {
+    let env = Env::new();
+    let done = env.run_with(None, &["run", "demo", "--", "echo", "hi"]);
+    assert_eq!(done.code, Some(0), "{done:?}");
+    assert_eq!(done.stdout, "hi\n");
+    assert!(
+        env.path("leaselock.db").exists(),
+        "sqlite://leaselock.db in the current directory"
+    );
+    let done = env.run_with(None, &["check"]);
+    assert_eq!(done.code, Some(0), "{done:?}");
+    let done = env.run_with(None, &["init"]);
+    assert_eq!(done.code, Some(0), "init is idempotent: {done:?}");
+    let done = env.run_with(None, &["status", "demo", "--json"]);
+    assert_eq!(done.json()["url"], "sqlite://leaselock.db");
+}
+
+#[test]
+fn check_names_what_is_missing() {
+    let env = Env::new();
+    let done = env.run(&["check"]);
+    assert_eq!(done.code, Some(66), "{done:?}");
+    assert_one_line_error(&done, "check");
+    assert!(done.stderr.contains("leaselock init"), "{done:?}");
+    assert!(!env.path("locks.db").exists(), "check creates nothing");
+
+    // A database file without the table.
+    assert_eq!(
+        env.run(&["--url", &format!("{}?table=other", env.url()), "init"])
+            .code,
+        Some(0)
+    );
+    let done = env.run(&["check"]);
+    assert_eq!(done.code, Some(66), "{done:?}");
+    assert_one_line_error(&done, "check");
+    assert!(done.stderr.contains("not initialized"), "{done:?}");
+
+    assert_eq!(env.run(&["init"]).code, Some(0));
+    let done = env.run(&["check"]);
+    assert_eq!(done.code, Some(0), "{done:?}");
+
+    // Storage that cannot be opened at all.
+    let done = env.run(&[
+        "--url",
+        "sqlite:///nonexistent-dir/x/locks.db",
+        "status",
+        "k",
+    ]);
+    assert_eq!(done.code, Some(66), "{done:?}");
+    assert_one_line_error(&done, "unopenable storage");
+}
+
+#[test]
+fn bad_input_exits_2_with_one_line_and_touches_nothing() {
+    let env = Env::new();
+    let long_key = "k".repeat(256);
+    let secret_url = format!("postgres://app:{SECRET}@127.0.0.1:1/db?strategy=nope");
+    let cases: Vec<Vec<&str>> = vec![
+        vec![
+            "--url",
+            "mongodb://u:pw@localhost/db",
+            "run",
+            "k",
+            "--",
+            "true",
+        ],
+        vec!["--url", "dynamodb://locks", "list"],
+        vec!["--url", "bogus://x", "status", "k"],
+        vec!["--url", "not a url", "list"],
+        vec!["--url", "sqlite://", "list"],
+        vec!["--url", "sqlite://x.db?table=bad-name", "status", "k"],
+        vec!["--url", "sqlite://x.db?colour=blue", "init"],
+        vec!["--url", &secret_url, "status", "k"],
+        vec!["run", "k"],
+        vec!["run", "k", "--"],
+        vec!["run", "k", "echo", "hi"],
+        vec!["run", "", "--", "true"],
+        vec!["run", &long_key, "--", "true"],
+        vec!["status", ""],
+        vec!["release", "", "--force"],
+        vec!["run", "k", "--ttl", "5parsecs", "--", "true"],
+        vec!["run", "k", "--ttl", "0s", "--", "true"],
+        vec!["run", "k", "--ttl", "5ms", "--", "true"],
+        vec!["run", "k", "--wait", "banana", "--", "true"],
+        vec!["run", "k", "--no-wait", "--wait", "1s", "--", "true"],
+        vec!["run", "k", "--poll-interval", "0s", "--", "true"],
+        vec!["run", "k", "--owner", "", "--", "true"],
+        vec!["run", "k", "-E", "256", "--", "true"],
+        vec!["release", "k"],
+        vec!["frobnicate"],
+    ];
+    for args in &cases {
+        let done = env.run_with(None, args);
+        assert_eq!(done.code, Some(2), "{args:?}: {done:?}");
+        assert_one_line_error(&done, &format!("{args:?}"));
+        assert_eq!(done.stdout, "", "{args:?}");
+        assert!(!done.stderr.contains(SECRET), "{args:?} leaked: {done:?}");
+    }
+    let left: Vec<_> = fs::read_dir(env.dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "bad input created files: {left:?}");
+}
+
+#[test]
+fn credentials_are_never_printed() {
+    let env = Env::new();
+    for url in [
+        format!("postgres://app:{SECRET}@127.0.0.1:1/db"),
+        format!("mysql://root:{SECRET}@127.0.0.1:1/db"),
+        format!("mongodb://root:{SECRET}@127.0.0.1:1/db"),
+    ] {
+        for args in [
+            vec!["-vvv", "status", "k", "--json"],
+            vec!["-vvv", "check"],
+            vec!["-vvv", "run", "k", "-n", "--", "true"],
+        ] {
+            let done = env.run_with(Some(&url), &args);
+            assert_ne!(done.code, Some(0), "{url} {args:?}: {done:?}");
+            assert!(!done.stderr.contains(SECRET), "{args:?} leaked: {done:?}");
+            assert!(!done.stdout.contains(SECRET), "{args:?} leaked: {done:?}");
+        }
+    }
+    // `--help` does not show LEASELOCK_URL's value.
+    let done = env.run_with(Some(&format!("postgres://app:{SECRET}@h/db")), &["--help"]);
+    assert_eq!(done.code, Some(0));
+    assert!(!done.stdout.contains(SECRET), "{done:?}");
+    assert!(done.stdout.contains("Exit codes"), "{done:?}");
+}
