@@ -910,3 +910,43 @@ pub async fn unavailable_returns_none_when_configured(t: Arc<dyn Target>) {
     }
     assert!(a.release(&holder).await.unwrap());
 }
+
+/// A lease handed over to another instance (another process) is refreshed and released there,
+/// with ownership still checked by the backend; a lost lease cannot be adopted. Session locks
+/// refuse hand-over with a typed error.
+pub async fn lease_hand_over(t: Arc<dyn Target>) {
+    let (a, b, op) = (
+        t.backend().await.unwrap(),
+        t.backend().await.unwrap(),
+        t.backend().await.unwrap(),
+    );
+    let key = fresh_key("hand_over");
+    let first = locker(&a).build().unwrap();
+    let second = locker(&b).build().unwrap();
+    let guard = first.acquire(key.as_str()).await.unwrap().unwrap();
+    let lease = guard.hand_over().expect("a held lease");
+    if a.capabilities().kind == LockKind::Session {
+        assert!(matches!(
+            second.adopt(lease.clone()).await,
+            Err(Error::InvalidInput { field: "lease", .. })
+        ));
+        // The first instance still holds its session lock: release it directly.
+        assert!(a.release(&lease).await.unwrap());
+        return;
+    }
+    let adopted = second
+        .adopt(lease.clone())
+        .await
+        .expect("adopt a live lease");
+    assert_eq!(
+        adopted.token(),
+        lease.token,
+        "hand-over keeps the fencing token"
+    );
+    adopted.ensure_held().await.expect("held after adoption");
+    must_be_held(&*op, &request(&key, &owner("c"), LONG_TTL)).await;
+    assert!(adopted.release().await.unwrap());
+    assert_eq!(op.status(&key).await.unwrap(), LockState::Free);
+    // The lease is gone now: adopting it again must fail as lost.
+    assert!(matches!(second.adopt(lease).await, Err(Error::Lost { .. })));
+}

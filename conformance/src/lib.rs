@@ -178,6 +178,7 @@ macro_rules! conformance_tests {
             run_reports_lost_lease,
             waiter_acquires_after_release,
             unavailable_returns_none_when_configured,
+            lease_hand_over,
         );
     };
 }

@@ -73,6 +73,7 @@ impl LostSignal {
 pub(crate) struct Held {
     pub(crate) backend: Arc<dyn LockBackend>,
     pub(crate) hooks: Arc<dyn LockHooks>,
+    release_timeout: Duration,
     lease: Mutex<Lease>,
     lost_tx: watch::Sender<Option<Arc<str>>>,
     /// The local deadline after which the lease counts as lost without a successful refresh.
@@ -241,10 +242,12 @@ impl std::ops::Deref for LockGuard {
     }
 }
 
-/// How the daemon keeps a lease alive.
-pub(crate) struct DaemonConfig {
+/// How a guard keeps its lease alive and lets it go.
+pub(crate) struct GuardConfig {
     /// Refresh every this often; `None`: no refreshing, only watch the deadline and the session.
     pub(crate) refresh_every: Option<Duration>,
+    /// How long a release retries transient errors.
+    pub(crate) release_timeout: Duration,
 }
 
 impl LockGuard {
@@ -267,7 +270,7 @@ impl LockGuard {
         hooks: Arc<dyn LockHooks>,
         lease: Lease,
         sent_at: Instant,
-        daemon: DaemonConfig,
+        config: GuardConfig,
     ) -> Self {
         let deadline = lease.ttl.map(|ttl| sent_at + ttl);
         let (lost_tx, rx) = watch::channel(None);
@@ -275,17 +278,18 @@ impl LockGuard {
         let held = Arc::new(Held {
             backend,
             hooks,
+            release_timeout: config.release_timeout,
             lease: Mutex::new(lease.clone()),
             lost_tx,
             deadline: Mutex::new(deadline),
             released: AtomicBool::new(false),
         });
         let needs_daemon =
-            deadline.is_some() || lost_watch.is_some() || daemon.refresh_every.is_some();
+            deadline.is_some() || lost_watch.is_some() || config.refresh_every.is_some();
         let handle = needs_daemon.then(|| {
             tokio::spawn(run_daemon(
                 Arc::clone(&held),
-                daemon.refresh_every,
+                config.refresh_every,
                 lost_watch.unwrap_or_else(|| Box::pin(std::future::pending())),
             ))
         });
@@ -317,6 +321,16 @@ impl LockGuard {
         release_held(&held).await
     }
 
+    /// Stops refreshing and gives the lease up without releasing it, to hand it to another
+    /// process (leases serialize with serde), which takes it over with
+    /// [`crate::Locker::adopt`]. `None` for a disabled locker's guard.
+    pub fn hand_over(mut self) -> Option<Lease> {
+        self.stop_daemon();
+        let held = self.ctx.held.clone()?;
+        held.released.store(true, Ordering::SeqCst);
+        Some(held.lease())
+    }
+
     fn stop_daemon(&mut self) {
         if let Some(daemon) = self.daemon.take() {
             daemon.abort();
@@ -324,10 +338,28 @@ impl LockGuard {
     }
 }
 
+/// Releases, retrying transient errors with backoff for up to the release timeout.
+async fn release_with_retries(held: &Held, lease: &Lease) -> Result<bool> {
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match held.backend.release(lease).await {
+            Err(error)
+                if error.is_retryable() && started.elapsed() + backoff < held.release_timeout =>
+            {
+                tracing::debug!(key = %lease.key, %error, ?backoff, "release failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 async fn release_held(held: &Held) -> Result<bool> {
     let lease = held.lease();
     call_hook("before_release", held.hooks.before_release(&lease)).await;
-    match held.backend.release(&lease).await {
+    match release_with_retries(held, &lease).await {
         Ok(was_held) => {
             if was_held {
                 tracing::debug!(key = %lease.key, token = %lease.token, "lock released");
@@ -338,7 +370,7 @@ async fn release_held(held: &Held) -> Result<bool> {
             Ok(was_held)
         }
         Err(error) => {
-            tracing::warn!(key = %lease.key, %error, "release failed; the lease will expire on its own");
+            tracing::error!(key = %lease.key, token = %lease.token, %error, "release failed; the lock stays held until its lease expires (or until force-released)");
             call_hook(
                 "error",
                 held.hooks

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use crate::backend::LockBackend;
 use crate::config::{OnUnavailable, WaitPolicy};
 use crate::error::{Error, Result};
-use crate::guard::{catch_panic, DaemonConfig, LockContext, LockGuard};
+use crate::guard::{catch_panic, GuardConfig, LockContext, LockGuard};
 use crate::hooks::{call_hook, LockHooks, NoHooks, Operation};
 use crate::types::{
     validate_lease_duration, AcquireOutcome, AcquireRequest, Capabilities, LockInfo, LockKey,
@@ -19,6 +19,8 @@ use crate::types::{
 
 /// The default lease duration: 60 seconds.
 pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(60);
+/// The default time a release keeps retrying transient errors: 10 seconds.
+pub const DEFAULT_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds a [`Locker`]. Every setting has a documented default; [`LockerBuilder::build`] checks
 /// them all and names the field at fault.
@@ -54,6 +56,7 @@ pub struct LockerBuilder {
     hooks: Arc<dyn LockHooks>,
     owner: Option<OwnerId>,
     owner_error: Option<Error>,
+    release_timeout: Duration,
 }
 
 impl fmt::Debug for LockerBuilder {
@@ -68,6 +71,7 @@ impl fmt::Debug for LockerBuilder {
             .field("on_unavailable", &self.on_unavailable)
             .field("verify_after_acquire", &self.verify_after_acquire)
             .field("owner", &self.owner)
+            .field("release_timeout", &self.release_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -125,6 +129,14 @@ impl LockerBuilder {
         self
     }
 
+    /// How long a release keeps retrying transient errors (a dropped connection, a busy
+    /// database) before it gives up loudly, leaving the lease to expire. Default: 10 s
+    /// ([`DEFAULT_RELEASE_TIMEOUT`]); at most one hour; zero means one attempt.
+    pub fn release_timeout(mut self, release_timeout: Duration) -> Self {
+        self.release_timeout = release_timeout;
+        self
+    }
+
     /// Lifecycle hooks. Default: [`NoHooks`].
     pub fn hooks(mut self, hooks: impl LockHooks + 'static) -> Self {
         self.hooks = Arc::new(hooks);
@@ -171,6 +183,12 @@ impl LockerBuilder {
             None => lease_duration / 3,
         };
         self.wait.validate()?;
+        if self.release_timeout > Duration::from_secs(3600) {
+            return Err(Error::invalid(
+                "release_timeout",
+                format!("{:?} is longer than one hour", self.release_timeout),
+            ));
+        }
         let capabilities = self.backend.capabilities();
         Ok(Locker {
             inner: Arc::new(Inner {
@@ -185,6 +203,7 @@ impl LockerBuilder {
                 verify_after_acquire: self.verify_after_acquire,
                 hooks: self.hooks,
                 owner: self.owner.unwrap_or_else(OwnerId::generate),
+                release_timeout: self.release_timeout,
             }),
         })
     }
@@ -223,6 +242,7 @@ struct Inner {
     verify_after_acquire: bool,
     hooks: Arc<dyn LockHooks>,
     owner: OwnerId,
+    release_timeout: Duration,
 }
 
 impl fmt::Debug for Locker {
@@ -238,6 +258,7 @@ impl fmt::Debug for Locker {
             .field("on_unavailable", &i.on_unavailable)
             .field("verify_after_acquire", &i.verify_after_acquire)
             .field("owner", &i.owner)
+            .field("release_timeout", &i.release_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -258,6 +279,7 @@ impl Locker {
             hooks: Arc::new(NoHooks),
             owner: None,
             owner_error: None,
+            release_timeout: DEFAULT_RELEASE_TIMEOUT,
         }
     }
 
@@ -327,14 +349,7 @@ impl Locker {
                     }
                     tracing::debug!(%key, token = %lease.token, "lock acquired");
                     call_hook("acquired", i.hooks.acquired(&lease)).await;
-                    let refresh_every = i.refresh.then_some(i.refresh_interval);
-                    return Ok(Some(LockGuard::start(
-                        Arc::clone(&i.backend),
-                        Arc::clone(&i.hooks),
-                        lease,
-                        sent_at,
-                        DaemonConfig { refresh_every },
-                    )));
+                    return Ok(Some(self.guard(lease, sent_at)));
                 }
                 Ok(AcquireOutcome::Held(holder)) => (holder, None),
                 Err(error) => {
@@ -390,6 +405,70 @@ impl Locker {
                 }
             }
         }
+    }
+
+    fn guard(&self, lease: crate::Lease, sent_at: Instant) -> LockGuard {
+        let i = &self.inner;
+        LockGuard::start(
+            Arc::clone(&i.backend),
+            Arc::clone(&i.hooks),
+            lease,
+            sent_at,
+            GuardConfig {
+                refresh_every: i.refresh.then_some(i.refresh_interval),
+                release_timeout: i.release_timeout,
+            },
+        )
+    }
+
+    /// Takes over a lease acquired elsewhere: lease hand-over. Another process serialized it
+    /// (leases implement serde); this one refreshes it at once (the backend checks its owner and
+    /// fencing token, so a lost or forged lease fails with [`Error::Lost`]) and from then on
+    /// refreshes, watches and releases it like its own. Session locks live on their holder's
+    /// connection and cannot be handed over ([`Error::InvalidInput`]).
+    ///
+    /// ```
+    /// use leaselock::{Lease, Locker, MemoryBackend};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> leaselock::Result<()> {
+    /// let backend = MemoryBackend::new();
+    /// let first = Locker::builder(backend.clone()).build()?;
+    /// let guard = first.acquire("batch").await?.unwrap();
+    /// let lease = guard.hand_over().unwrap(); // stop refreshing, keep the lock
+    /// let wire = serde_json::to_string(&lease).unwrap();
+    ///
+    /// let second = Locker::builder(backend).build()?;
+    /// let lease: Lease = serde_json::from_str(&wire).unwrap();
+    /// let adopted = second.adopt(lease).await?;
+    /// assert!(adopted.release().await?);
+    /// # Ok(()) }
+    /// ```
+    pub async fn adopt(&self, lease: crate::Lease) -> Result<LockGuard> {
+        let i = &self.inner;
+        if i.capabilities.kind == crate::LockKind::Session {
+            return Err(Error::invalid(
+                "lease",
+                "session locks live on their holder's connection and cannot be handed over",
+            ));
+        }
+        let ttl = lease.ttl.ok_or_else(|| {
+            Error::invalid("lease", "a lease without a duration cannot be adopted")
+        })?;
+        validate_lease_duration("lease.ttl", ttl)?;
+        let sent_at = Instant::now();
+        let fresh = match i.backend.refresh(&lease).await {
+            Ok(fresh) => fresh,
+            Err(error) => {
+                call_hook(
+                    "error",
+                    i.hooks.error(Operation::Refresh, Some(&lease.key), &error),
+                )
+                .await;
+                return Err(error);
+            }
+        };
+        tracing::info!(key = %fresh.key, token = %fresh.token, owner = %fresh.owner, "lease adopted");
+        call_hook("acquired", i.hooks.acquired(&fresh)).await;
+        Ok(self.guard(fresh, sent_at))
     }
 
     /// Phase two of a two-phase acquisition.
@@ -512,5 +591,131 @@ impl Locker {
             call_hook("error", self.inner.hooks.error(op, key, error)).await;
         }
         outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+    use crate::{Lease, MemoryBackend};
+
+    /// A memory backend whose first releases fail with a transient error.
+    #[derive(Debug)]
+    struct FlakyRelease {
+        inner: MemoryBackend,
+        failures_left: AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl LockBackend for FlakyRelease {
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+        async fn init_storage(&self) -> Result<()> {
+            self.inner.init_storage().await
+        }
+        async fn check_storage(&self) -> Result<()> {
+            self.inner.check_storage().await
+        }
+        async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
+            self.inner.try_acquire(request).await
+        }
+        async fn refresh(&self, lease: &Lease) -> Result<Lease> {
+            self.inner.refresh(lease).await
+        }
+        async fn verify(&self, lease: &Lease) -> Result<bool> {
+            self.inner.verify(lease).await
+        }
+        async fn release(&self, lease: &Lease) -> Result<bool> {
+            let left = self.failures_left.load(Ordering::SeqCst);
+            if left > 0 {
+                self.failures_left.store(left - 1, Ordering::SeqCst);
+                let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+                return Err(Error::transient("flaky", reset));
+            }
+            self.inner.release(lease).await
+        }
+        async fn status(&self, key: &LockKey) -> Result<LockState> {
+            self.inner.status(key).await
+        }
+        async fn list(&self) -> Result<Vec<LockInfo>> {
+            self.inner.list().await
+        }
+        async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+            self.inner.force_release(key).await
+        }
+        async fn release_expired(&self) -> Result<u64> {
+            self.inner.release_expired().await
+        }
+        async fn watch_release(&self, key: &LockKey) -> Result<Option<crate::Wakeup>> {
+            self.inner.watch_release(key).await
+        }
+        fn watch_lost(&self, lease: &Lease) -> Option<crate::Wakeup> {
+            self.inner.watch_lost(lease)
+        }
+    }
+
+    fn flaky(failures: u32) -> (MemoryBackend, FlakyRelease) {
+        let inner = MemoryBackend::new();
+        let backend = FlakyRelease {
+            inner: inner.clone(),
+            failures_left: AtomicU32::new(failures),
+        };
+        (inner, backend)
+    }
+
+    #[tokio::test]
+    async fn release_retries_transient_errors() {
+        let (store, backend) = flaky(3);
+        let locker = Locker::builder(backend).build().unwrap();
+        let guard = locker.acquire("k").await.unwrap().unwrap();
+        assert!(
+            guard.release().await.unwrap(),
+            "released after three transient failures"
+        );
+        assert_eq!(
+            store.status(&LockKey::new("k").unwrap()).await.unwrap(),
+            LockState::Free
+        );
+    }
+
+    #[tokio::test]
+    async fn release_gives_up_after_its_timeout() {
+        let (store, backend) = flaky(u32::MAX);
+        let locker = Locker::builder(backend)
+            .release_timeout(Duration::from_millis(200))
+            .build()
+            .unwrap();
+        let guard = locker.acquire("k").await.unwrap().unwrap();
+        let err = guard.release().await.unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        assert!(store
+            .status(&LockKey::new("k").unwrap())
+            .await
+            .unwrap()
+            .is_held());
+    }
+
+    #[tokio::test]
+    async fn disabled_locker_runs_without_a_lock() {
+        let store = MemoryBackend::new();
+        let locker = Locker::builder(store.clone())
+            .enabled(false)
+            .build()
+            .unwrap();
+        let out = locker
+            .run(
+                "k",
+                |lock| async move { (lock.is_locked(), lock.token().get()) },
+            )
+            .await
+            .unwrap();
+        assert_eq!(out, Some((false, 0)));
+        assert!(
+            store.list().await.unwrap().is_empty(),
+            "nothing was written"
+        );
     }
 }

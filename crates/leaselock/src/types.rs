@@ -4,6 +4,8 @@
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
 
 /// The longest key, in bytes.
@@ -28,7 +30,8 @@ pub const MAX_LEASE_DURATION: Duration = Duration::from_secs(366 * 24 * 60 * 60)
 /// assert!(LockKey::new("").is_err());
 /// # Ok::<(), leaselock::Error>(())
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct LockKey(String);
 
 impl LockKey {
@@ -57,6 +60,19 @@ impl fmt::Display for LockKey {
     }
 }
 
+impl TryFrom<String> for LockKey {
+    type Error = Error;
+    fn try_from(key: String) -> Result<Self> {
+        Self::new(key)
+    }
+}
+
+impl From<LockKey> for String {
+    fn from(key: LockKey) -> String {
+        key.0
+    }
+}
+
 impl AsRef<str> for LockKey {
     fn as_ref(&self) -> &str {
         &self.0
@@ -73,7 +89,8 @@ impl AsRef<str> for LockKey {
 /// assert_eq!(mine.to_string(), "deploy-job-42");
 /// # Ok::<(), leaselock::Error>(())
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct OwnerId(String);
 
 impl OwnerId {
@@ -116,6 +133,19 @@ impl fmt::Debug for OwnerId {
 impl fmt::Display for OwnerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for OwnerId {
+    type Error = Error;
+    fn try_from(owner: String) -> Result<Self> {
+        Self::new(owner)
+    }
+}
+
+impl From<OwnerId> for String {
+    fn from(owner: OwnerId) -> String {
+        owner.0
     }
 }
 
@@ -254,7 +284,8 @@ pub fn validate_lease_duration(field: &'static str, duration: Duration) -> Resul
 /// assert!(FencingToken::new(2) > FencingToken::new(1));
 /// assert_eq!(FencingToken::new(7).get(), 7);
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct FencingToken(u64);
 
 impl FencingToken {
@@ -323,6 +354,8 @@ impl AcquireRequest {
 /// Proof of holding a lock, as returned by a backend's acquire or refresh.
 ///
 /// Times are read off the clock that decides expiry (the database server's where it has one).
+/// A lease serializes with serde, so another process can take it over with
+/// [`crate::Locker::adopt`] (the backend still checks owner and fencing token).
 ///
 /// ```
 /// use std::time::{Duration, SystemTime};
@@ -333,7 +366,7 @@ impl AcquireRequest {
 /// assert_eq!(lease.ttl, Some(Duration::from_secs(30)));
 /// # Ok::<(), leaselock::Error>(())
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Lease {
     /// The key held.
@@ -582,6 +615,30 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.as_str().len() <= MAX_OWNER_BYTES);
         assert!(OwnerId::new("").is_err());
+    }
+
+    #[test]
+    fn leases_round_trip_through_serde_and_validate() {
+        let now = SystemTime::now();
+        let lease = Lease::new(
+            LockKey::new("k").unwrap(),
+            OwnerId::new("o").unwrap(),
+            FencingToken::new(9),
+            now,
+        )
+        .with_expiry(now + Duration::from_secs(5), Duration::from_secs(5));
+        let json = serde_json::to_string(&lease).unwrap();
+        assert!(
+            json.contains("\"key\":\"k\"") && json.contains("\"token\":9"),
+            "{json}"
+        );
+        let back: Lease = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, lease);
+        let forged = json.replace("\"key\":\"k\"", "\"key\":\"\"");
+        assert!(
+            serde_json::from_str::<Lease>(&forged).is_err(),
+            "empty key rejected"
+        );
     }
 
     #[test]
