@@ -22,7 +22,8 @@ use crate::target::DEFAULT_URL;
 )]
 pub struct Cli {
     /// Where locks live: sqlite://FILE (relative to the current directory),
-    /// sqlite:///ABSOLUTE/FILE, with optional ?table=NAME. Passwords are never printed.
+    /// sqlite:///ABSOLUTE/FILE (optional ?table=NAME), postgres://USER:PASSWORD@HOST/DB
+    /// (?strategy=advisory|table). Passwords are never printed.
     #[arg(
         long,
         env = "LEASELOCK_URL",

@@ -176,12 +176,20 @@ async fn release(url: &str, args: ReleaseArgs) -> Result<u8, Failure> {
         LockState::Held(info) if args.if_stale => (
             "refused",
             CONFLICT,
-            format!(
-                "refusing to break `{key}`: its lease is live (held by {}; it expires unless \
-                 refreshed); --if-stale breaks only a lease that expired because its holder \
-                 stopped refreshing it",
-                LockView::new(info).holder_line()
-            ),
+            if info.expires_at.is_some() {
+                format!(
+                    "refusing to break `{key}`: its lease is live (held by {}; it expires unless \
+                     refreshed); --if-stale breaks only a lease that expired because its holder \
+                     stopped refreshing it",
+                    LockView::new(info).holder_line()
+                )
+            } else {
+                format!(
+                    "refusing to break `{key}`: it is a session lock held by {} over a live \
+                     connection, never stale (it ends with that connection)",
+                    LockView::new(info).holder_line()
+                )
+            },
         ),
         LockState::Held(info) | LockState::Expired(info) if args.dry_run => (
             "would_release",

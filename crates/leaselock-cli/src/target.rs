@@ -27,6 +27,9 @@ const SECRET_PARAMS: &[&str] = &[
     "access_key",
 ];
 
+/// The schemes this build accepts, for messages.
+const AVAILABLE: &str = "sqlite, postgres";
+
 /// The backends this build can open, by URL scheme.
 ///
 /// Backend crates slot in here: add the scheme to [`Scheme::from_name`], a pre-connection check
@@ -36,6 +39,9 @@ pub enum Scheme {
     /// `sqlite://FILE` (relative to the current directory) or `sqlite:///ABSOLUTE/FILE`, with
     /// optional `?table=NAME&busy_timeout=5s`.
     Sqlite,
+    /// `postgres://` or `postgresql://`, with `?strategy=advisory|table` (default `advisory`),
+    /// `table=`, `schema=`, `prefix=`; other parameters go to the driver.
+    Postgres,
 }
 
 impl Scheme {
@@ -44,15 +50,16 @@ impl Scheme {
         // ---- Backend selection: the one place where a new scheme is wired in. ----
         match scheme {
             "sqlite" => Ok(Scheme::Sqlite),
+            "postgres" | "postgresql" => Ok(Scheme::Postgres),
             // Not wired into this build yet (their crates are in progress):
-            "postgres" | "postgresql" | "mysql" | "mongodb" | "mongodb+srv" | "dynamodb" => {
+            "mysql" | "mariadb" | "mongodb" | "mongodb+srv" | "dynamodb" => {
                 Err(Failure::usage(format!(
                     "the `{scheme}` backend is not available in this build of leaselock yet \
-                     (available: sqlite)"
+                     (available: {AVAILABLE})"
                 )))
             }
             other => Err(Failure::usage(format!(
-                "unknown URL scheme `{other}` (available: sqlite; for example {DEFAULT_URL})"
+                "unknown URL scheme `{other}` (available: {AVAILABLE}; for example {DEFAULT_URL})"
             ))),
         }
     }
@@ -97,6 +104,9 @@ impl Target {
             Scheme::Sqlite => {
                 leaselock_sqlite::SqliteConfig::from_url(url).map_err(invalid)?;
             }
+            Scheme::Postgres => {
+                leaselock_postgres::PgConfig::from_url(url).map_err(invalid)?;
+            }
         }
         Ok(Self {
             url: url.to_owned(),
@@ -119,6 +129,7 @@ impl Target {
                 let path = config.path();
                 (!path.exists()).then(|| path.to_path_buf())
             }
+            Scheme::Postgres => None,
         }
     }
 
@@ -127,6 +138,7 @@ impl Target {
     pub async fn open(&self) -> leaselock::Result<Arc<dyn LockBackend>> {
         match self.scheme {
             Scheme::Sqlite => leaselock_sqlite::from_url(&self.url).await,
+            Scheme::Postgres => leaselock_postgres::from_url(&self.url).await,
         }
     }
 }
@@ -273,6 +285,9 @@ mod tests {
                 .scheme,
             Scheme::Sqlite
         );
+        let pg = Target::parse("postgresql://app:pw@db/app?strategy=table").unwrap();
+        assert_eq!(pg.scheme, Scheme::Postgres);
+        assert_eq!(pg.display(), "postgresql://app:***@db/app?strategy=table");
         for bad in [
             "",
             "leaselock.db",
@@ -283,6 +298,8 @@ mod tests {
             "sqlite://",
             "sqlite://x.db?table=bad-name",
             "sqlite://x.db?nope=1",
+            "postgres://app:pw@db/app?strategy=nope",
+            "postgres://db/app?strategy=table&prefix=p",
         ] {
             let failure = Target::parse(bad).unwrap_err();
             assert_eq!(failure.code, crate::exit::USAGE, "{bad}: {failure}");

@@ -21,6 +21,8 @@ const SECRET: &str = "Sup3rSecretPw";
 /// A temporary directory with its own lock database.
 struct Env {
     dir: tempfile::TempDir,
+    /// The LEASELOCK_URL of every command.
+    url: String,
     /// Where each process's stdout/stderr go (files, not pipes: an orphaned grandchild holding
     /// a pipe open would block reading it).
     logs: tempfile::TempDir,
@@ -85,9 +87,22 @@ impl Proc {
 }
 
 impl Env {
+    /// Locks in an SQLite file in a fresh directory.
     fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("locks.db").display());
+        Self::with(dir, url)
+    }
+
+    /// Locks at `url`, commands running in a fresh directory.
+    fn with_url(url: String) -> Self {
+        Self::with(tempfile::tempdir().expect("tempdir"), url)
+    }
+
+    fn with(dir: tempfile::TempDir, url: String) -> Self {
         Self {
-            dir: tempfile::tempdir().expect("tempdir"),
+            dir,
+            url,
             logs: tempfile::tempdir().expect("tempdir"),
             seq: AtomicUsize::new(0),
         }
@@ -98,7 +113,7 @@ impl Env {
     }
 
     fn url(&self) -> String {
-        format!("sqlite://{}", self.path("locks.db").display())
+        self.url.clone()
     }
 
     /// `leaselock ARGS` in this directory; `url`: `None` leaves LEASELOCK_URL unset (the default
@@ -186,7 +201,13 @@ const HOLD_UNTIL_STOP: &str = "touch started; while [ ! -e stop ]; do sleep 0.05
 
 #[test]
 fn eight_processes_never_overlap_and_lose_no_update() {
-    let env = Env::new();
+    contend(&Env::new(), "shared-counter", 8);
+}
+
+/// `processes` processes `leaselock run` one key, each doing a read-modify-write of a counter
+/// file with a pause inside; checks the count, that no two critical sections overlapped, and
+/// that fencing tokens increased from one section to the next.
+fn contend(env: &Env, key: &str, processes: usize) {
     fs::write(env.path("counter"), "0\n").unwrap();
     // A read-modify-write with a pause inside: without mutual exclusion updates get lost, and
     // the start/end markers of two sections interleave.
@@ -195,20 +216,10 @@ n=$(cat counter)
 sleep 0.05
 echo $((n+1)) > counter
 echo "end $LEASELOCK_TOKEN" >> log"#;
-    let procs: Vec<Proc> = (0..8)
+    let procs: Vec<Proc> = (0..processes)
         .map(|_| {
             env.spawn(&[
-                "run",
-                "shared-counter",
-                "--wait",
-                "3m",
-                "--ttl",
-                "20s",
-                "-q",
-                "--",
-                "sh",
-                "-c",
-                script,
+                "run", key, "--wait", "3m", "--ttl", "20s", "-q", "--", "sh", "-c", script,
             ])
         })
         .collect();
@@ -217,10 +228,10 @@ echo "end $LEASELOCK_TOKEN" >> log"#;
         assert_eq!(done.code, Some(0), "{done:?}");
     }
     let counter = fs::read_to_string(env.path("counter")).unwrap();
-    assert_eq!(counter.trim(), "8", "lost updates");
+    assert_eq!(counter.trim(), processes.to_string(), "lost updates");
     let log = fs::read_to_string(env.path("log")).unwrap();
     let lines: Vec<&str> = log.lines().collect();
-    assert_eq!(lines.len(), 16, "{log}");
+    assert_eq!(lines.len(), 2 * processes, "{log}");
     let mut last_token = 0u64;
     for pair in lines.chunks(2) {
         let start = pair[0].strip_prefix("start ").expect(&log);
@@ -230,7 +241,7 @@ echo "end $LEASELOCK_TOKEN" >> log"#;
         assert!(token > last_token, "fencing tokens must increase:\n{log}");
         last_token = token;
     }
-    assert_eq!(env.status("shared-counter")["state"], "free");
+    assert_eq!(env.status(key)["state"], "free");
 }
 
 #[test]
@@ -639,4 +650,55 @@ fn credentials_are_never_printed() {
     assert_eq!(done.code, Some(0));
     assert!(!done.stdout.contains(SECRET), "{done:?}");
     assert!(done.stdout.contains("Exit codes"), "{done:?}");
+}
+
+/// A key no other test (or earlier run) uses, for shared servers.
+fn fresh_key(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("cli-{name}-{}-{nanos}", std::process::id())
+}
+
+fn with_params(url: &str, params: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{params}")
+}
+
+/// Both PostgreSQL strategies through the command: mutual exclusion of several processes, the
+/// conflict code, status and a forced release that stops the holder.
+#[test]
+fn postgres_strategies_through_the_command() {
+    let Some(base) = leaselock_conformance::server_url("LEASELOCK_POSTGRES_URL") else {
+        return;
+    };
+    for strategy in ["table", "advisory"] {
+        let env = Env::with_url(with_params(
+            &base,
+            &format!("strategy={strategy}&table=leaselock_cli_{strategy}"),
+        ));
+        let key = fresh_key(strategy);
+        contend(&env, &key, 4);
+
+        let holder = env.hold(&key, &["--ttl", "5s"], HOLD_UNTIL_STOP);
+        let done = env.run(&["run", &key, "--no-wait", "--", "true"]);
+        assert_eq!(done.code, Some(1), "{strategy}: {done:?}");
+        let status = env.status(&key);
+        assert_eq!(status["state"], "held", "{strategy}: {status}");
+        assert_eq!(status["lock"]["pid"], holder.pid(), "{strategy}: {status}");
+        let done = env.run(&["release", &key, "--force", "--if-stale"]);
+        assert_eq!(
+            done.code,
+            Some(1),
+            "{strategy}: a live lock is not stale: {done:?}"
+        );
+        let done = env.run(&["release", &key, "--force", "--json"]);
+        assert_eq!(done.code, Some(0), "{strategy}: {done:?}");
+        assert_eq!(done.json()["action"], "released", "{strategy}");
+        let done = holder.wait();
+        assert_eq!(done.code, Some(75), "{strategy}: {done:?}");
+        assert_eq!(env.status(&key)["state"], "free", "{strategy}");
+        fs::remove_file(env.path("started")).unwrap();
+    }
 }
