@@ -264,13 +264,31 @@ impl Shared {
     }
 
     /// One statement on the control connection, without a prepare round trip.
-    pub(crate) async fn query(&self, what: &str, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>> {
+    pub(crate) async fn query(
+        &self,
+        what: &str,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<Row>> {
         let conn = self.control().await?;
-        run(self.backend, self.operation_timeout, &conn, what, sql, params).await
+        run(
+            self.backend,
+            self.operation_timeout,
+            &conn,
+            what,
+            sql,
+            params,
+        )
+        .await
     }
 
     /// Like [`Shared::query`], expecting exactly one row.
-    pub(crate) async fn query_one(&self, what: &str, sql: &str, params: &[Param<'_>]) -> Result<Row> {
+    pub(crate) async fn query_one(
+        &self,
+        what: &str,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Row> {
         let mut rows = self.query(what, sql, params).await?;
         match rows.len() {
             1 => Ok(rows.remove(0)),
@@ -281,42 +299,44 @@ impl Shared {
         }
     }
 
-    /// Creates the storage with `ddl`, serialized among concurrent initializers by a
-    /// transaction-level advisory lock, in one round trip. A concurrent `CREATE` racing past the
-    /// lock anyway (another tool, another version) counts as success.
+    /// Creates the storage with `ddl` in one round trip, serialized among concurrent
+    /// initializers by transaction-level advisory locks (one for the schema, one for the table).
+    /// A concurrent `CREATE` racing past the locks anyway (another tool, an older version) makes
+    /// the whole transaction fail with a duplicate-object error: it is tried again, and then
+    /// finds the objects in place.
     pub(crate) async fn init(&self, ddl: &str, schema: Option<&str>) -> Result<()> {
-        let init_lock = advisory_key("leaselock-init", &self.qualified);
+        let table_lock = advisory_key("leaselock-init", &self.qualified);
         let create_schema = match schema {
             // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
             // exists, so only try when it is missing. The name is a validated identifier.
             Some(schema) => format!(
-                "DO $leaselock$ BEGIN \
+                "SELECT pg_advisory_xact_lock({schema_lock}); \
+                 DO $leaselock$ BEGIN \
                    IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = '{schema}') THEN \
                      CREATE SCHEMA IF NOT EXISTS \"{schema}\"; \
                    END IF; \
-                 END $leaselock$;"
+                 END $leaselock$;",
+                schema_lock = advisory_key("leaselock-init-schema", schema)
             ),
             None => String::new(),
         };
-        // One simple query: one implicit transaction, so the xact lock covers all of it.
-        let sql = format!("SELECT pg_advisory_xact_lock({init_lock}); {create_schema} {ddl}");
+        // One simple query: one implicit transaction, so the xact locks cover all of it.
+        let sql = format!("{create_schema} SELECT pg_advisory_xact_lock({table_lock}); {ddl}");
         let conn = self.control().await?;
-        let outcome = tokio::time::timeout(self.operation_timeout, conn.client.batch_execute(&sql))
-            .await
-            .map_err(|_| error::timeout(self.backend, "init_storage"))?;
-        match outcome {
-            Ok(()) => Ok(()),
-            Err(e)
-                if e.code().is_some_and(|c| {
-                    *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
-                        || *c == tokio_postgres::error::SqlState::DUPLICATE_TABLE
-                        || *c == tokio_postgres::error::SqlState::DUPLICATE_SCHEMA
-                }) =>
-            {
-                tracing::debug!(error = %e, "concurrent storage creation; it exists now");
-                Ok(())
+        let mut attempt = 1;
+        loop {
+            let outcome =
+                tokio::time::timeout(self.operation_timeout, conn.client.batch_execute(&sql))
+                    .await
+                    .map_err(|_| error::timeout(self.backend, "init_storage"))?;
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < 5 && is_duplicate_object(&e) => {
+                    tracing::debug!(error = %e, attempt, "concurrent storage creation; trying again");
+                    attempt += 1;
+                }
+                Err(e) => return Err(error::driver(self.backend, "init_storage", e)),
             }
-            Err(e) => Err(error::driver(self.backend, "init_storage", e)),
         }
     }
 
@@ -337,11 +357,15 @@ impl Shared {
                 &[(&self.qualified, Type::TEXT)],
             )
             .await?;
-        let missing: Vec<&str> = [("SELECT", "can_select"), ("INSERT", "can_insert"), ("UPDATE", "can_update")]
-            .into_iter()
-            .filter(|(_, col)| !row.get::<_, bool>(*col))
-            .map(|(privilege, _)| privilege)
-            .collect();
+        let missing: Vec<&str> = [
+            ("SELECT", "can_select"),
+            ("INSERT", "can_insert"),
+            ("UPDATE", "can_update"),
+        ]
+        .into_iter()
+        .filter(|(_, col)| !row.get::<_, bool>(*col))
+        .map(|(privilege, _)| privilege)
+        .collect();
         if missing.is_empty() {
             Ok(())
         } else {
@@ -384,6 +408,18 @@ impl Shared {
         let key: Arc<str> = Arc::from(key.as_str());
         Ok(Some(Box::pin(wait_for_key(events, closed, key))))
     }
+}
+
+/// The errors concurrent `CREATE … IF NOT EXISTS` can raise: a unique violation in the catalog,
+/// or the object appearing between the check and the creation.
+fn is_duplicate_object(error: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    error.code().is_some_and(|c| {
+        *c == SqlState::UNIQUE_VIOLATION
+            || *c == SqlState::DUPLICATE_TABLE
+            || *c == SqlState::DUPLICATE_SCHEMA
+            || *c == SqlState::DUPLICATE_OBJECT
+    })
 }
 
 async fn wait_for_key(
@@ -433,7 +469,8 @@ pub(crate) fn token(backend: &'static str, raw: i64) -> Result<leaselock::Fencin
 
 /// A stored owner id.
 pub(crate) fn owner(backend: &'static str, raw: String) -> Result<leaselock::OwnerId> {
-    leaselock::OwnerId::new(raw).map_err(|e| Error::permanent(backend, format!("invalid owner in storage: {e}")))
+    leaselock::OwnerId::new(raw)
+        .map_err(|e| Error::permanent(backend, format!("invalid owner in storage: {e}")))
 }
 
 /// A stored key.

@@ -468,9 +468,10 @@ mod tests {
 
     #[test]
     fn splits_our_parameters_off() {
-        let parts =
-            split_url("postgres://u:p@h/db?sslmode=disable&strategy=table&table=t%5Fx&application_name=a")
-                .unwrap();
+        let parts = split_url(
+            "postgres://u:p@h/db?sslmode=disable&strategy=table&table=t%5Fx&application_name=a",
+        )
+        .unwrap();
         assert_eq!(
             parts.driver_url,
             "postgres://u:p@h/db?sslmode=disable&application_name=a"
@@ -509,7 +510,10 @@ mod tests {
             ("http://h/db", "postgres://"),
         ] {
             match PgConfig::from_url(bad) {
-                Err(Error::InvalidInput { field: "url", reason }) => {
+                Err(Error::InvalidInput {
+                    field: "url",
+                    reason,
+                }) => {
                     assert!(reason.contains(field_hint), "{bad}: {reason}")
                 }
                 other => panic!("{bad}: {other:?}"),
@@ -534,7 +538,10 @@ mod tests {
         let shown = format!("{ok:?} {:?} {}", ok.connection(), ok.target());
         assert!(!shown.contains("Sup3rS3cret"), "{shown}");
         assert_eq!(
-            redact("x Sup3rSecret y Sup3r%53ecret", "postgres://u:Sup3r%53ecret@h/d"),
+            redact(
+                "x Sup3rSecret y Sup3r%53ecret",
+                "postgres://u:Sup3r%53ecret@h/d"
+            ),
             "x *** y ***"
         );
     }

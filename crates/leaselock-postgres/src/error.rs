@@ -132,13 +132,7 @@ struct Context {
 impl std::fmt::Display for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.source.as_db_error() {
-            Some(db) => write!(
-                f,
-                "{}: {} ({})",
-                self.what,
-                db.message(),
-                db.code().code()
-            ),
+            Some(db) => write!(f, "{}: {} ({})", self.what, db.message(), db.code().code()),
             None => write!(f, "{}: {}", self.what, short(&self.source)),
         }
     }

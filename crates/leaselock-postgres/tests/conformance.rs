@@ -67,7 +67,10 @@ mod advisory {
         let backend = leaselock_conformance::Target::backend(&target)
             .await
             .expect("backend");
-        backend.init_storage().await.expect("init the shared storage");
+        backend
+            .init_storage()
+            .await
+            .expect("init the shared storage");
         Some(target)
     }
 
@@ -87,7 +90,9 @@ mod table {
     #[leaselock::async_trait]
     impl leaselock_conformance::Target for Table {
         async fn backend(&self) -> Result<Arc<dyn LockBackend>> {
-            Ok(Arc::new(PgTableBackend::new(config(&self.url)?.table(TABLE)?)?))
+            Ok(Arc::new(PgTableBackend::new(
+                config(&self.url)?.table(TABLE)?,
+            )?))
         }
 
         async fn backend_in(&self, namespace: &str) -> Result<Arc<dyn LockBackend>> {
@@ -107,7 +112,10 @@ mod table {
         let backend = leaselock_conformance::Target::backend(&target)
             .await
             .expect("backend");
-        backend.init_storage().await.expect("init the shared storage");
+        backend
+            .init_storage()
+            .await
+            .expect("init the shared storage");
         Some(target)
     }
 

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use crate::util::Result;
 
 mod mysql;
+mod pgbouncer;
 mod postgres;
 
 /// Where services keep their files.
@@ -44,5 +45,5 @@ pub struct Service {
 
 /// Every service, in start order.
 pub fn all() -> Vec<Service> {
-    vec![postgres::SERVICE, mysql::SERVICE]
+    vec![postgres::SERVICE, pgbouncer::SERVICE, mysql::SERVICE]
 }

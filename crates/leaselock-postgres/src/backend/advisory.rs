@@ -105,7 +105,9 @@ impl fmt::Debug for PgAdvisoryBackend {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing here can be left half-written by a panic: recover.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn conv(e: tokio_postgres::Error) -> Error {
@@ -210,12 +212,11 @@ impl PgAdvisoryBackend {
         lock(&self.inner.held).retain(|_, s| !s.conn.is_closed());
     }
 
-    /// Asks the lease's session whether it still holds the lock. `Ok(None)`: held;
-    /// `Ok(Some(reason))`: not held (the session is closed and forgotten); errors: the pid
-    /// changed (pooler) or the check could not run.
-    async fn check_session(&self, lease: &Lease) -> Result<Option<String>> {
+    /// Asks the lease's session whether it still holds the lock. Errors only when the check could
+    /// not run.
+    async fn check_session(&self, lease: &Lease) -> Result<Check> {
         let Some(session) = lock(&self.inner.held).get(&lease_id(lease)).cloned() else {
-            return Ok(Some(
+            return Ok(Check::Gone(
                 "this backend instance does not hold the lease (released, lost, or acquired \
                  by another instance)"
                     .to_owned(),
@@ -223,7 +224,7 @@ impl PgAdvisoryBackend {
         };
         if session.conn.is_closed() {
             self.forget(lease);
-            return Ok(Some(SESSION_ENDED.to_owned()));
+            return Ok(Check::Gone(SESSION_ENDED.to_owned()));
         }
         let id = self.lock_id(&lease.key);
         let sql = format!(
@@ -239,7 +240,7 @@ impl PgAdvisoryBackend {
         let rows = match checked {
             Err(_) => {
                 self.forget(lease);
-                return Ok(Some(format!(
+                return Ok(Check::Gone(format!(
                     "the lock's session did not answer within {:?}; it was closed, which frees \
                      the lock on the server",
                     self.shared().operation_timeout
@@ -247,7 +248,7 @@ impl PgAdvisoryBackend {
             }
             Ok(Err(e)) if e.is_closed() || session.conn.is_closed() => {
                 self.forget(lease);
-                return Ok(Some(SESSION_ENDED.to_owned()));
+                return Ok(Check::Gone(SESSION_ENDED.to_owned()));
             }
             Ok(Err(e)) => return Err(error::driver(NAME, "checking the lock session", e)),
             Ok(Ok(rows)) => rows,
@@ -257,25 +258,35 @@ impl PgAdvisoryBackend {
             .ok_or_else(|| Error::permanent(NAME, "the session check returned no row"))?;
         let pid: i32 = row.try_get("pid").map_err(conv)?;
         if pid != session.pid {
+            // Closing the session is the best chance to free the lock on the process that took
+            // it (the pooler may keep that server connection open, though).
             self.forget(lease);
-            return Err(error::pooler(
-                NAME,
-                &format!(
-                    "the lock on `{}` was taken by server process {} but the session now reaches \
-                     process {pid}",
-                    lease.key, session.pid
-                ),
-            ));
+            return Ok(Check::Pooler(format!(
+                "the lock on `{}` was taken by server process {} but its session now reaches \
+                 process {pid}: {}",
+                lease.key,
+                session.pid,
+                error::POOLER_HINT
+            )));
         }
         if row.try_get::<_, bool>("holds").map_err(conv)? {
-            Ok(None)
+            Ok(Check::Held)
         } else {
             self.forget(lease);
-            Ok(Some(
+            Ok(Check::Gone(
                 "the session no longer holds the advisory lock".to_owned(),
             ))
         }
     }
+}
+
+/// What a lock session check found.
+enum Check {
+    Held,
+    /// Not held, and why.
+    Gone(String),
+    /// The session reaches another server process than the one that took the lock.
+    Pooler(String),
 }
 
 const SESSION_ENDED: &str =
@@ -450,13 +461,18 @@ impl LockBackend for PgAdvisoryBackend {
 
     async fn refresh(&self, lease: &Lease) -> Result<Lease> {
         match self.check_session(lease).await? {
-            None => Ok(lease.clone()),
-            Some(reason) => Err(Error::lost(&lease.key, reason)),
+            Check::Held => Ok(lease.clone()),
+            // The lock cannot be trusted any more: the holder must stop, so this is a loss.
+            Check::Gone(reason) | Check::Pooler(reason) => Err(Error::lost(&lease.key, reason)),
         }
     }
 
     async fn verify(&self, lease: &Lease) -> Result<bool> {
-        Ok(self.check_session(lease).await?.is_none())
+        match self.check_session(lease).await? {
+            Check::Held => Ok(true),
+            Check::Gone(_) => Ok(false),
+            Check::Pooler(reason) => Err(Error::permanent(NAME, reason)),
+        }
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool> {
@@ -629,7 +645,10 @@ impl LockBackend for PgAdvisoryBackend {
                 ],
             )
             .await?;
-        if let Some(pid) = row.try_get::<_, Option<i32>>("survivor_pid").map_err(conv)? {
+        if let Some(pid) = row
+            .try_get::<_, Option<i32>>("survivor_pid")
+            .map_err(conv)?
+        {
             return Err(Error::transient(
                 NAME,
                 format!(

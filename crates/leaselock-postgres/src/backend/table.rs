@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use leaselock::{
-    AcquireOutcome, AcquireRequest, Capabilities, Error, ExpiryClock, Lease, LockBackend,
-    LockInfo, LockKey, LockKind, LockState, Result, Wakeup,
+    AcquireOutcome, AcquireRequest, Capabilities, Error, ExpiryClock, Lease, LockBackend, LockInfo,
+    LockKey, LockKind, LockState, Result, Wakeup,
 };
 use tokio_postgres::types::Type;
 use tokio_postgres::Row;
@@ -176,8 +176,13 @@ impl LockBackend for PgTableBackend {
             let info = info.ok_or_else(|| Error::permanent(NAME, "acquired without an owner"))?;
             let acquired_at = info.acquired_at.unwrap_or(now);
             let expires_at = info.expires_at.unwrap_or(now + request.ttl());
-            let lease = Lease::new(request.key().clone(), request.owner().clone(), info.token, acquired_at)
-                .with_expiry(expires_at, request.ttl());
+            let lease = Lease::new(
+                request.key().clone(),
+                request.owner().clone(),
+                info.token,
+                acquired_at,
+            )
+            .with_expiry(expires_at, request.ttl());
             return Ok(AcquireOutcome::Acquired(lease));
         }
         // Held: report the holder unless the row we read was already free or expired (a race).
@@ -223,7 +228,10 @@ impl LockBackend for PgTableBackend {
         if row.try_get::<_, bool>("refreshed").map_err(conv)? {
             let expires_at: SystemTime = row.try_get("expires_at").map_err(conv)?;
             let mut fresh = lease.clone().with_expiry(expires_at, ttl);
-            if let Some(acquired_at) = row.try_get::<_, Option<SystemTime>>("acquired_at").map_err(conv)? {
+            if let Some(acquired_at) = row
+                .try_get::<_, Option<SystemTime>>("acquired_at")
+                .map_err(conv)?
+            {
                 fresh.acquired_at = acquired_at;
             }
             return Ok(fresh);
@@ -235,7 +243,9 @@ impl LockBackend for PgTableBackend {
                 "the lease expired".to_owned()
             }
             (Some(o), Some(t)) => format!("taken over by `{o}` (fencing token {t})"),
-            _ => "the lease was released (or force-released, or cleaned up after expiry)".to_owned(),
+            _ => {
+                "the lease was released (or force-released, or cleaned up after expiry)".to_owned()
+            }
         };
         Err(Error::lost(&lease.key, reason))
     }
@@ -346,7 +356,10 @@ impl LockBackend for PgTableBackend {
             .query(
                 "force_release",
                 &sql,
-                &[(&k.as_str(), Type::TEXT), (&self.shared.channel, Type::TEXT)],
+                &[
+                    (&k.as_str(), Type::TEXT),
+                    (&self.shared.channel, Type::TEXT),
+                ],
             )
             .await?;
         let Some(row) = rows.first() else {

@@ -1,0 +1,558 @@
+//! PostgreSQL-specific behaviour beyond the shared suite: a server-side kill fires the lost
+//! signal, concurrent storage init, pooler detection against a real PgBouncer, wake-ups through
+//! LISTEN/NOTIFY, foreign holders, error classification, secrets kept out of messages.
+//!
+//! Needs `LEASELOCK_POSTGRES_URL`, and for the pooler test `LEASELOCK_PGBOUNCER_URL` (a PgBouncer
+//! in `pool_mode = transaction` in front of the same server); `cargo xtask test` sets both.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use leaselock::{
+    AcquireOutcome, AcquireRequest, Error, Lease, LockBackend, LockKey, LockState, Locker, OwnerId,
+    WaitPolicy,
+};
+use leaselock_postgres::{advisory_key, PgAdvisoryBackend, PgConfig, PgTableBackend};
+use tokio_postgres::{Client, NoTls};
+
+fn pg_url() -> Option<String> {
+    leaselock_conformance::server_url("LEASELOCK_POSTGRES_URL")
+}
+
+fn fresh(name: &str) -> String {
+    format!(
+        "ll_{name}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+fn key(name: &str) -> LockKey {
+    LockKey::new(format!("pg-test/{name}/{}", uuid::Uuid::new_v4())).unwrap()
+}
+
+fn owner(name: &str) -> OwnerId {
+    OwnerId::new(format!("{name}-{}", uuid::Uuid::new_v4().simple())).unwrap()
+}
+
+fn request(key: &LockKey, owner: &OwnerId) -> AcquireRequest {
+    AcquireRequest::new(key.clone(), owner.clone(), Duration::from_secs(60)).unwrap()
+}
+
+async fn raw(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+async fn acquire(backend: &dyn LockBackend, req: &AcquireRequest) -> Lease {
+    match backend.try_acquire(req).await.expect("try_acquire") {
+        AcquireOutcome::Acquired(lease) => lease,
+        AcquireOutcome::Held(h) => panic!("`{}` should be free, held by {h:?}", req.key()),
+    }
+}
+
+/// The server processes holding the advisory lock of `lock_id`, seen from a separate connection.
+async fn holders(client: &Client, lock_id: i64) -> Vec<i32> {
+    client
+        .query(
+            "SELECT l.pid FROM pg_locks l \
+              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+                AND l.classid = (($1::int8 >> 32) & 4294967295)::oid \
+                AND l.objid = ($1::int8 & 4294967295)::oid",
+            &[&lock_id],
+        )
+        .await
+        .expect("read pg_locks")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn advisory(url: &str, ns: &str) -> PgAdvisoryBackend {
+    let config = PgConfig::from_url(url)
+        .unwrap()
+        .table(ns)
+        .unwrap()
+        .prefix(ns)
+        .unwrap();
+    let backend = PgAdvisoryBackend::new(config).unwrap();
+    backend.init_storage().await.expect("init");
+    backend
+}
+
+/// A lease table named after `ns` (not `ns` itself, which [`advisory`] uses for its counters).
+async fn table(url: &str, ns: &str) -> PgTableBackend {
+    let name = format!("{ns}_leases");
+    let backend =
+        PgTableBackend::new(PgConfig::from_url(url).unwrap().table(&name).unwrap()).unwrap();
+    backend.init_storage().await.expect("init");
+    backend
+}
+
+/// The documented key derivation, the SQL recipe in its docs, and what `pg_locks` shows agree.
+#[tokio::test]
+async fn advisory_key_is_what_the_server_sees() {
+    let Some(url) = pg_url() else { return };
+    let ns = fresh("key");
+    let backend = advisory(&url, &ns).await;
+    let k = key("documented");
+    let sql_id: i64 = raw(&url)
+        .await
+        .query_one(
+            "SELECT ('x' || substr(encode(sha256(convert_to($1, 'UTF8') || '\\x00'::bytea \
+                     || convert_to($2, 'UTF8')), 'hex'), 1, 16))::bit(64)::bigint",
+            &[&ns, &k.as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sql_id, advisory_key(&ns, k.as_str()));
+    assert_eq!(backend.lock_id(&k), sql_id);
+    let lease = acquire(&backend, &request(&k, &owner("a"))).await;
+    let observer = raw(&url).await;
+    assert_eq!(
+        holders(&observer, sql_id).await,
+        vec![backend.session_pid(&lease).unwrap()]
+    );
+    assert!(backend.release(&lease).await.unwrap());
+    assert!(holders(&observer, sql_id).await.is_empty());
+}
+
+/// `pg_terminate_backend` on the holder's session: the guard's lost signal fires promptly (the
+/// driver sees the connection end; no refresh is involved), and the lock is free.
+#[tokio::test]
+async fn server_side_kill_fires_lost_signal_at_once() {
+    let Some(url) = pg_url() else { return };
+    let ns = fresh("kill");
+    let backend = Arc::new(advisory(&url, &ns).await);
+    let locker = Locker::builder(Arc::clone(&backend))
+        .refresh(false)
+        .build()
+        .unwrap();
+    let k = key("kill");
+    let guard = locker.acquire(k.as_str()).await.unwrap().unwrap();
+    let lease = guard.lease().expect("held");
+    let pid = backend.session_pid(&lease).expect("a session pid");
+    let observer = raw(&url).await;
+    assert_eq!(holders(&observer, backend.lock_id(&k)).await, vec![pid]);
+
+    let killed_at = Instant::now();
+    let terminated: bool = observer
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(terminated);
+    let reason = tokio::time::timeout(Duration::from_secs(5), guard.lost().wait())
+        .await
+        .expect("the lost signal fires after the session is killed");
+    let elapsed = killed_at.elapsed();
+    eprintln!("lost signal {elapsed:?} after pg_terminate_backend: {reason}");
+    assert!(reason.contains("session"), "{reason}");
+    assert!(guard.is_lost());
+
+    match backend.refresh(&lease).await {
+        Err(Error::Lost { .. }) => {}
+        other => panic!("refresh after the kill must be Lost: {other:?}"),
+    }
+    assert!(!backend.verify(&lease).await.unwrap());
+    assert_eq!(backend.status(&k).await.unwrap(), LockState::Free);
+    let next = acquire(&*backend, &request(&k, &owner("b"))).await;
+    assert!(next.token > lease.token);
+    assert!(backend.release(&next).await.unwrap());
+}
+
+/// 16 separate instances of each backend create the same fresh storage (in a fresh schema) at
+/// once: none fails, and the result works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_init_from_16_tasks() {
+    let Some(url) = pg_url() else { return };
+    let schema = fresh("schema");
+    let name = fresh("init");
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let config = PgConfig::from_url(&url)
+            .unwrap()
+            .schema(&schema)
+            .unwrap()
+            .table(&name)
+            .unwrap();
+        let backend: Arc<dyn LockBackend> = if i % 2 == 0 {
+            Arc::new(PgTableBackend::new(config).unwrap())
+        } else {
+            // A different table in the same fresh schema: the schema itself is raced too.
+            let config = config.table(&format!("{name}_adv")).unwrap();
+            Arc::new(PgAdvisoryBackend::new(config).unwrap())
+        };
+        tasks.push(tokio::spawn(async move {
+            backend.init_storage().await.map(|()| backend)
+        }));
+    }
+    let mut backends = Vec::new();
+    for task in tasks {
+        backends.push(task.await.unwrap().expect("concurrent init must not fail"));
+    }
+    for backend in &backends {
+        backend.check_storage().await.expect("check after init");
+    }
+    let k = key("after-init");
+    let lease = acquire(&*backends[0], &request(&k, &owner("a"))).await;
+    assert!(matches!(
+        backends[2]
+            .try_acquire(&request(&k, &owner("b")))
+            .await
+            .unwrap(),
+        AcquireOutcome::Held(Some(_))
+    ));
+    assert!(backends[0].release(&lease).await.unwrap());
+    let schema_tables: i64 = raw(&url)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = $1",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(schema_tables, 2);
+}
+
+/// Through PgBouncer in transaction mode, advisory locks are refused with an error naming the
+/// cause, before anything is locked; with the up-front probe off, the pid checks on verify and
+/// refresh catch it. The table backend works through the pooler.
+#[tokio::test]
+async fn pooler_is_detected_through_a_real_pgbouncer() {
+    let Some(url) = pg_url() else { return };
+    let Some(bouncer) = leaselock_conformance::server_url("LEASELOCK_PGBOUNCER_URL") else {
+        return;
+    };
+    let ns = fresh("pooler");
+    let observer = raw(&url).await;
+
+    // 1. Default configuration: refused at acquire, nothing locked.
+    let config = PgConfig::from_url(&bouncer)
+        .unwrap()
+        .table(&ns)
+        .unwrap()
+        .prefix(&ns)
+        .unwrap();
+    let backend = PgAdvisoryBackend::new(config.clone()).unwrap();
+    backend
+        .init_storage()
+        .await
+        .expect("init works through the pooler");
+    let k = key("pooled");
+    let err = backend
+        .try_acquire(&request(&k, &owner("a")))
+        .await
+        .expect_err("advisory locks through a transaction pooler must be refused");
+    let message = err.to_string();
+    assert!(message.contains("PgBouncer"), "{message}");
+    assert!(message.contains("transaction"), "{message}");
+    assert!(!err.is_retryable(), "{err:?}");
+    assert!(
+        holders(&observer, backend.lock_id(&k)).await.is_empty(),
+        "refused before anything was locked"
+    );
+
+    // 2. Without the probe the lock may be taken, but as soon as the session's statements land on
+    //    another server process, verify and refresh refuse and say why.
+    let unprobed = PgAdvisoryBackend::new(config.probe_pooler(false)).unwrap();
+    let k2 = key("pooled-unprobed");
+    let lease = acquire(&unprobed, &request(&k2, &owner("a"))).await;
+    let locked_on = holders(&observer, unprobed.lock_id(&k2)).await;
+    assert_eq!(locked_on.len(), 1, "the lock sits on one server process");
+    // Another pooler client pins that (idle, most recently used) server process in a transaction.
+    let pinning = raw(&bouncer).await;
+    pinning.batch_execute("BEGIN").await.unwrap();
+    let pinned: i32 = pinning
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        pinned, locked_on[0],
+        "PgBouncer reuses the most recent server"
+    );
+    let lease2 = lease.clone();
+    match unprobed.refresh(&lease2).await {
+        Err(Error::Lost { reason, .. }) => assert!(reason.contains("PgBouncer"), "{reason}"),
+        other => panic!("refresh must report the lease lost because of the pooler: {other:?}"),
+    }
+    pinning.batch_execute("COMMIT").await.unwrap();
+    // The lease is forgotten; clean up the lock the pooler's server connection still holds.
+    assert!(!unprobed.verify(&lease).await.unwrap());
+    observer
+        .execute("SELECT pg_terminate_backend($1, 5000)", &[&locked_on[0]])
+        .await
+        .unwrap();
+
+    // 3. Verify refuses the same way.
+    let k3 = key("pooled-verify");
+    let lease = acquire(&unprobed, &request(&k3, &owner("a"))).await;
+    let locked_on = holders(&observer, unprobed.lock_id(&k3)).await;
+    let pinning = raw(&bouncer).await;
+    pinning.batch_execute("BEGIN").await.unwrap();
+    pinning.query_one("SELECT 1", &[]).await.unwrap();
+    let err = unprobed
+        .verify(&lease)
+        .await
+        .expect_err("verify must refuse behind the pooler");
+    assert!(err.to_string().contains("PgBouncer"), "{err}");
+    pinning.batch_execute("COMMIT").await.unwrap();
+    for pid in locked_on {
+        observer
+            .execute("SELECT pg_terminate_backend($1, 5000)", &[&pid])
+            .await
+            .unwrap();
+    }
+
+    // 4. The lease table needs no session state: it works through the pooler.
+    let leases = PgTableBackend::new(
+        PgConfig::from_url(&bouncer)
+            .unwrap()
+            .table(&format!("{ns}_leases"))
+            .unwrap(),
+    )
+    .unwrap();
+    leases.init_storage().await.unwrap();
+    let k4 = key("pooled-table");
+    let lease = acquire(&leases, &request(&k4, &owner("a"))).await;
+    assert!(matches!(
+        leases
+            .try_acquire(&request(&k4, &owner("b")))
+            .await
+            .unwrap(),
+        AcquireOutcome::Held(Some(_))
+    ));
+    assert!(leases.refresh(&lease).await.is_ok());
+    assert!(leases.verify(&lease).await.unwrap());
+    assert!(leases.release(&lease).await.unwrap());
+}
+
+/// A released lock reaches a waiter through NOTIFY long before its next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn release_wakes_waiter_through_notify() {
+    let Some(url) = pg_url() else { return };
+    let ns = fresh("notify");
+    let backends: Vec<(Arc<dyn LockBackend>, Arc<dyn LockBackend>)> = vec![
+        (
+            Arc::new(advisory(&url, &ns).await),
+            Arc::new(advisory(&url, &ns).await),
+        ),
+        (
+            Arc::new(table(&url, &ns).await),
+            Arc::new(table(&url, &ns).await),
+        ),
+    ];
+    for (holder, waiter) in backends {
+        assert!(waiter.capabilities().release_notifications);
+        let k = key("notify");
+        let held = acquire(&*holder, &request(&k, &owner("holder"))).await;
+        // Polls only every 30 s: only a notification can make it fast.
+        let locker = Locker::builder(waiter)
+            .wait(WaitPolicy::until(
+                Duration::from_secs(120),
+                Duration::from_secs(30),
+            ))
+            .build()
+            .unwrap();
+        let k2 = k.clone();
+        let task = tokio::spawn(async move { locker.acquire(k2.as_str()).await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !task.is_finished(),
+            "the waiter waits while the lock is held"
+        );
+        let released_at = Instant::now();
+        assert!(holder.release(&held).await.unwrap());
+        let guard = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("woken by NOTIFY, not by the 30 s poll")
+            .unwrap()
+            .unwrap()
+            .expect("acquired");
+        eprintln!(
+            "{}: waiter acquired {:?} after release",
+            holder.capabilities().backend,
+            released_at.elapsed()
+        );
+        assert!(guard.token() > held.token);
+        assert!(guard.release().await.unwrap());
+    }
+}
+
+/// A session holding the same advisory lock outside leaselock (another tool, a blocking
+/// `pg_advisory_lock`) makes acquisition return `Held` at once, never wait; status shows it and
+/// force release ends it.
+#[tokio::test]
+async fn foreign_holder_is_reported_not_waited_for() {
+    let Some(url) = pg_url() else { return };
+    let ns = fresh("foreign");
+    let backend = advisory(&url, &ns).await;
+    let k = key("foreign");
+    let foreign = raw(&url).await;
+    let foreign_pid: i32 = foreign
+        .query_one(
+            "SELECT pg_backend_pid() FROM (SELECT pg_advisory_lock($1)) AS taken",
+            &[&backend.lock_id(&k)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let started = Instant::now();
+    match backend
+        .try_acquire(&request(&k, &owner("a")))
+        .await
+        .unwrap()
+    {
+        AcquireOutcome::Held(holder) => {
+            if let Some(info) = holder {
+                assert!(
+                    info.owner.as_str().contains(&foreign_pid.to_string()),
+                    "{info:?}"
+                );
+            }
+        }
+        other => panic!("expected Held, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "try-lock never waits"
+    );
+    match backend.status(&k).await.unwrap() {
+        LockState::Held(info) => {
+            assert!(
+                info.owner.as_str().contains(&foreign_pid.to_string()),
+                "{info:?}"
+            )
+        }
+        other => panic!("expected Held, got {other:?}"),
+    }
+    let removed = backend.force_release(&k).await.unwrap().expect("removed");
+    assert!(removed.owner.as_str().contains("unknown"), "{removed:?}");
+    assert!(foreign.is_closed() || foreign.simple_query("SELECT 1").await.is_err());
+    let lease = acquire(&backend, &request(&k, &owner("a"))).await;
+    assert!(backend.release(&lease).await.unwrap());
+}
+
+/// A missing table is `NotInitialized`; an unreachable server and a role without privileges are
+/// `NotAccessible`; none of the messages shows the password.
+#[tokio::test]
+async fn check_storage_tells_missing_from_inaccessible() {
+    let Some(url) = pg_url() else { return };
+    let ns = fresh("check");
+    for backend in [
+        leaselock_postgres::from_url(&format!("{url}?strategy=table&table={ns}"))
+            .await
+            .unwrap(),
+        leaselock_postgres::from_url(&format!("{url}?table={ns}_adv&prefix={ns}"))
+            .await
+            .unwrap(),
+    ] {
+        match backend.check_storage().await {
+            Err(Error::NotInitialized { what, .. }) => assert!(what.contains(&ns), "{what}"),
+            other => panic!("expected NotInitialized, got {other:?}"),
+        }
+        backend.init_storage().await.unwrap();
+        backend.check_storage().await.unwrap();
+    }
+
+    let unreachable = leaselock_postgres::from_url(
+        "postgres://someone:TopSecret123@127.0.0.1:1/db?connect_timeout=2",
+    )
+    .await
+    .unwrap();
+    let err = unreachable.check_storage().await.unwrap_err();
+    assert!(matches!(err, Error::NotAccessible { .. }), "{err:?}");
+    assert!(err.is_retryable());
+    let shown = format!("{err} {err:?} {unreachable:?}");
+    assert!(!shown.contains("TopSecret123"), "{shown}");
+    assert!(shown.contains("127.0.0.1:1"), "{shown}");
+
+    // A role that may log in but not use the table.
+    let admin = raw(&url).await;
+    admin
+        .batch_execute(
+            "DO $$ BEGIN \
+               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'leaselock_noperm') THEN \
+                 CREATE ROLE leaselock_noperm LOGIN; \
+               END IF; \
+             END $$",
+        )
+        .await
+        .or_else(|e| {
+            // Two test runs racing to create the role.
+            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+        .unwrap();
+    let config = tokio_postgres::Config::from_str_url(&url);
+    let mut restricted = config.clone();
+    restricted.user("leaselock_noperm");
+    let backend = PgTableBackend::new(PgConfig::new(restricted).table(&ns).unwrap()).unwrap();
+    match backend.check_storage().await {
+        Err(Error::NotAccessible { what, .. }) => assert!(what.contains("permission"), "{what}"),
+        other => panic!("expected NotAccessible, got {other:?}"),
+    }
+    admin
+        .batch_execute(&format!("GRANT SELECT ON \"{ns}\" TO leaselock_noperm"))
+        .await
+        .unwrap();
+    match backend.check_storage().await {
+        Err(Error::NotAccessible { what, .. }) => {
+            assert!(what.contains("INSERT, UPDATE"), "{what}")
+        }
+        other => panic!("expected NotAccessible naming the privileges, got {other:?}"),
+    }
+    admin
+        .batch_execute(&format!("DROP TABLE \"{ns}\""))
+        .await
+        .unwrap();
+}
+
+/// Identifiers keep their case and may need quoting; nothing is spliced unquoted.
+#[tokio::test]
+async fn schema_and_mixed_case_table() {
+    let Some(url) = pg_url() else { return };
+    let schema = fresh("Schema");
+    let name = format!("Locks_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let backend = PgTableBackend::new(
+        PgConfig::from_url(&url)
+            .unwrap()
+            .schema(&schema)
+            .unwrap()
+            .table(&name)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(backend.table(), format!("\"{schema}\".\"{name}\""));
+    backend.init_storage().await.unwrap();
+    let k = key("mixed");
+    let lease = acquire(&backend, &request(&k, &owner("a"))).await;
+    assert_eq!(backend.list().await.unwrap().len(), 1);
+    assert!(backend.release(&lease).await.unwrap());
+    let exists: bool = raw(&url)
+        .await
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2)",
+            &[&schema, &name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(exists);
+}
+
+trait FromStrUrl {
+    fn from_str_url(url: &str) -> Self;
+}
+
+impl FromStrUrl for tokio_postgres::Config {
+    fn from_str_url(url: &str) -> Self {
+        url.parse().expect("a valid URL")
+    }
+}
