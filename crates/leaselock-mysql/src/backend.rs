@@ -1,0 +1,170 @@
+//! The two [`leaselock::LockBackend`] implementations and what they share.
+
+mod get_lock;
+mod table;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use leaselock::{Error, LockKey, OwnerId, Result};
+use mysql_async::prelude::{FromRow, Queryable};
+use mysql_async::{Conn, Params, Pool, Row};
+
+pub use get_lock::MysqlGetLockBackend;
+pub use table::MysqlTableBackend;
+
+use crate::config::Checked;
+use crate::error::ErrorContext;
+
+/// The server's clock as microseconds since the Unix epoch, in UTC whatever the session's time
+/// zone (`UTC_TIMESTAMP(6)` is constant within one statement).
+pub(crate) const NOW_US: &str =
+    "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))";
+
+/// A `DATETIME(6)` column holding UTC, as microseconds since the Unix epoch.
+pub(crate) fn us_of(column: &str) -> String {
+    format!("TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {column})")
+}
+
+/// Microseconds since the Unix epoch as a `SystemTime` (negative values clamp to the epoch).
+pub(crate) fn system_time(us: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap_or(0))
+}
+
+/// A duration in whole microseconds, for `INTERVAL ? MICROSECOND`.
+pub(crate) fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// What every backend instance owns: its own pool, and how to describe errors.
+pub(crate) struct Shared {
+    pub(crate) pool: Pool,
+    pub(crate) ctx: ErrorContext,
+    pub(crate) checked: Checked,
+}
+
+impl Shared {
+    pub(crate) fn new(backend: &'static str, checked: Checked) -> Self {
+        let ctx = ErrorContext {
+            backend,
+            table: checked.table.as_str().to_owned(),
+            server: checked.server.clone(),
+        };
+        Self {
+            // `Pool::new` starts nothing: connections are made on first use.
+            pool: Pool::new(checked.opts.clone()),
+            ctx,
+            checked,
+        }
+    }
+
+    pub(crate) async fn conn(&self) -> Result<Conn> {
+        self.pool.get_conn().await.map_err(|e| self.ctx.convert(e))
+    }
+
+    pub(crate) fn err(&self, e: mysql_async::Error) -> Error {
+        self.ctx.convert(e)
+    }
+
+    /// Decodes a row without the driver's panicking conversion: a table whose columns have
+    /// unexpected types is an error, never a panic.
+    pub(crate) fn decode<T: FromRow>(&self, row: Row) -> Result<T> {
+        mysql_async::from_row_opt(row)
+            .map_err(|_| self.corrupt("a row has unexpected column types"))
+    }
+
+    /// The first row of a prepared statement, decoded.
+    pub(crate) async fn first<T: FromRow>(
+        &self,
+        conn: &mut Conn,
+        sql: &str,
+        params: impl Into<Params> + Send,
+    ) -> Result<Option<T>> {
+        let row: Option<Row> = conn
+            .exec_first(sql, params)
+            .await
+            .map_err(|e| self.err(e))?;
+        row.map(|row| self.decode(row)).transpose()
+    }
+
+    /// Every row of a prepared statement, decoded.
+    pub(crate) async fn all<T: FromRow>(
+        &self,
+        conn: &mut Conn,
+        sql: &str,
+        params: impl Into<Params> + Send,
+    ) -> Result<Vec<T>> {
+        let rows: Vec<Row> = conn.exec(sql, params).await.map_err(|e| self.err(e))?;
+        rows.into_iter().map(|row| self.decode(row)).collect()
+    }
+
+    /// Runs a prepared statement that returns no rows; returns the affected rows.
+    pub(crate) async fn run(
+        &self,
+        conn: &mut Conn,
+        sql: &str,
+        params: impl Into<Params> + Send,
+    ) -> Result<u64> {
+        conn.exec_drop(sql, params).await.map_err(|e| self.err(e))?;
+        Ok(conn.affected_rows())
+    }
+
+    /// Maps a storage check failure: a missing table or column is `NotInitialized`, everything
+    /// else (connection, permission, read-only server, ...) `NotAccessible`.
+    pub(crate) fn check_error(&self, e: mysql_async::Error) -> Error {
+        match self.ctx.convert(e) {
+            err @ (Error::NotInitialized { .. } | Error::NotAccessible { .. }) => err,
+            other => Error::NotAccessible {
+                backend: self.ctx.backend,
+                what: format!(
+                    "table `{}` in {} cannot be used: {other}",
+                    self.ctx.table, self.ctx.server
+                ),
+                source: Some(Box::new(other)),
+            },
+        }
+    }
+
+    pub(crate) fn corrupt(&self, what: impl Into<String>) -> Error {
+        Error::permanent(
+            self.ctx.backend,
+            format!("table `{}`: {}", self.ctx.table, what.into()),
+        )
+    }
+
+    /// A key read back from the table.
+    pub(crate) fn key_from(&self, bytes: Vec<u8>) -> Result<LockKey> {
+        String::from_utf8(bytes)
+            .map_err(|_| self.corrupt("a lock key is not UTF-8"))
+            .and_then(|key| LockKey::new(key).map_err(|e| self.corrupt(e.to_string())))
+    }
+
+    /// An owner read back from the table.
+    pub(crate) fn owner_from(&self, bytes: Vec<u8>) -> Result<OwnerId> {
+        String::from_utf8(bytes)
+            .map_err(|_| self.corrupt("an owner is not UTF-8"))
+            .and_then(|owner| OwnerId::new(owner).map_err(|e| self.corrupt(e.to_string())))
+    }
+
+    pub(crate) fn describe(&self, f: &mut std::fmt::Formatter<'_>, name: &str) -> std::fmt::Result {
+        f.debug_struct(name)
+            .field("server", &self.ctx.server)
+            .field("table", &self.checked.table)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times() {
+        assert_eq!(system_time(-5), UNIX_EPOCH);
+        assert_eq!(
+            system_time(1_500_000),
+            UNIX_EPOCH + Duration::from_millis(1500)
+        );
+        assert_eq!(micros(Duration::from_millis(3)), 3000);
+        assert_eq!(micros(Duration::MAX), u64::MAX);
+    }
+}

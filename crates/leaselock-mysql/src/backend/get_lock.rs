@@ -1,0 +1,820 @@
+//! Session locks with `GET_LOCK`, one dedicated connection per held lock, fencing tokens from a
+//! counter table.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use leaselock::{
+    AcquireOutcome, AcquireRequest, Capabilities, Error, ExpiryClock, FencingToken, Lease,
+    LockBackend, LockInfo, LockKey, LockKind, LockState, OwnerId, Result, Wakeup,
+};
+use mysql_async::prelude::*;
+use mysql_async::Conn;
+use tokio::sync::{oneshot, watch};
+
+use super::{system_time, us_of, Shared};
+use crate::config::{MysqlConfig, Strategy};
+use crate::error::{is_connection_gone, server_code};
+use crate::lock_name::lock_name;
+
+const NAME: &str = "mysql-get-lock";
+
+/// How long a lost lock's record is kept for late `watch_lost`/`release` calls.
+const KEEP_LOST: Duration = Duration::from_secs(300);
+/// How long `force_release` waits for a killed connection to let go of its lock.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// How often a status read retries when it catches an acquisition half-way (the lock taken, its
+/// record not yet committed).
+const PROBE_RETRIES: usize = 3;
+
+const ER_NO_SUCH_THREAD: u16 = 1094;
+const ER_UNSUPPORTED_PS: u16 = 1295;
+
+/// Session locks with `GET_LOCK(name, 0)`, the way sqlx and Flyway lock MySQL migrations.
+///
+/// Each held lock lives on its own dedicated connection, taken from this instance's pool: the lock
+/// is exactly as alive as that connection. If the connection ends (killed with `KILL CONNECTION`,
+/// dropped by the network, the server restarted), the server frees the lock at once, and a small
+/// per-lock task that pings the connection every
+/// [`liveness_interval`](MysqlConfig::liveness_interval) (250 ms by default) fires the guard's lost
+/// signal ([`LockBackend::watch_lost`]). Refresh and verify check, on that connection, that
+/// `CONNECTION_ID()` is still the one recorded at acquisition and that `IS_USED_LOCK(name)` names
+/// it. Nothing expires by time.
+///
+/// Lock names follow [`lock_name`](crate::lock_name()) (`prefix:key`, hashed when needed to stay
+/// within 64 characters). `GET_LOCK` names are global to the server: give applications sharing a
+/// server different prefixes.
+///
+/// A table (default [`DEFAULT_GET_LOCK_TABLE`](crate::DEFAULT_GET_LOCK_TABLE)) keeps per key the
+/// fencing counter and the holder (owner, connection id, acquisition time), so status, list and
+/// "held by" can name the holder. An acquisition is one statement:
+/// `INSERT ... SELECT ... WHERE GET_LOCK(name, 0) = 1 ON DUPLICATE KEY UPDATE token =
+/// LAST_INSERT_ID(token + 1), ...`, so the lock and the next token come in one round trip. The
+/// holder record counts only while `IS_USED_LOCK(name)` equals its connection id: the lock itself
+/// is the truth. Locks are not reentrant: a second acquisition by the same owner, even through the
+/// same instance, runs on another connection and is refused.
+///
+/// Waiters are woken on release: [`LockBackend::watch_release`] waits server-side in
+/// `GET_LOCK(name, 1)` on a spare connection (which holds no metadata lock on any table) and lets
+/// go at once when it gets the lock.
+///
+/// [`LockBackend::force_release`] (and releasing another process's lease) ends the holder's
+/// connection with `KILL CONNECTION`: a user may kill its own connections; killing other users'
+/// needs `CONNECTION_ADMIN` (MySQL) or `CONNECTION ADMIN`/`SUPER` (MariaDB).
+///
+/// Not for connection poolers or proxies that move sessions between server connections.
+///
+/// ```no_run
+/// # async fn f() -> leaselock::Result<()> {
+/// use leaselock::{LockBackend, Locker};
+/// use leaselock_mysql::{MysqlConfig, MysqlGetLockBackend};
+/// let config = MysqlConfig::from_url("mysql://app:secret@127.0.0.1:3306/app")?.prefix("myapp");
+/// let backend = MysqlGetLockBackend::new(config)?;
+/// backend.init_storage().await?;
+/// let locker = Locker::builder(backend).build()?;
+/// locker
+///     .run("migrations", |lock| async move {
+///         // ... migrate, checking lock.lost() or lock.ensure_held() between steps
+///     })
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct MysqlGetLockBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Shared,
+    sql: Sql,
+    /// Locks this instance holds (or held until they were lost), by key and token.
+    held: Mutex<HashMap<(LockKey, u64), Arc<Held>>>,
+}
+
+/// A lock this instance holds, with its dedicated connection.
+struct Held {
+    key: LockKey,
+    owner: OwnerId,
+    token: FencingToken,
+    name: String,
+    /// `CONNECTION_ID()` of `conn`, as the handshake told it (32 bits).
+    conn_id: u32,
+    /// The dedicated connection; `None` once released or lost.
+    conn: tokio::sync::Mutex<Option<Conn>>,
+    /// `Some(reason)` once the lock is lost.
+    lost: watch::Sender<Option<String>>,
+    lost_at: Mutex<Option<Instant>>,
+}
+
+impl Held {
+    fn lost_reason(&self) -> Option<String> {
+        self.lost.borrow().clone()
+    }
+
+    /// Records the loss (the first reason wins) and ends the connection, if given.
+    fn mark_lost(&self, reason: &str, conn: Option<Conn>) {
+        let first = self.lost.send_if_modified(|state| {
+            if state.is_none() {
+                *state = Some(reason.to_owned());
+                true
+            } else {
+                false
+            }
+        });
+        if first {
+            *lock(&self.lost_at) = Some(Instant::now());
+            tracing::warn!(key = %self.key, token = %self.token, reason, "GET_LOCK lock lost");
+        }
+        if let Some(conn) = conn {
+            discard(conn);
+        }
+    }
+}
+
+/// Ends a connection in the background: one in an unknown state never goes back to the pool.
+fn discard(conn: Conn) {
+    tokio::spawn(async move {
+        let _ = conn.disconnect().await;
+    });
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct Sql {
+    create: String,
+    check: String,
+    acquire: String,
+    probe: String,
+    check_held: String,
+    check_remote: String,
+    tidy: String,
+    list: String,
+    stale: String,
+}
+
+impl Sql {
+    fn new(table: &str) -> Self {
+        let now = "UTC_TIMESTAMP(6)";
+        let acquired = us_of("t.acquired_at");
+        Self {
+            create: format!(
+                "CREATE TABLE IF NOT EXISTS {table} (\
+                 lock_key VARBINARY(255) NOT NULL, \
+                 lock_name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
+                 token BIGINT UNSIGNED NOT NULL, \
+                 owner VARBINARY(255) NULL, \
+                 connection_id BIGINT UNSIGNED NULL, \
+                 acquired_at DATETIME(6) NULL, \
+                 PRIMARY KEY (lock_key)\
+                 ) ENGINE=InnoDB"
+            ),
+            check: format!(
+                "UPDATE {table} SET lock_key = lock_key, lock_name = lock_name, token = token, \
+                 owner = owner, connection_id = connection_id, acquired_at = acquired_at \
+                 WHERE 1 = 0"
+            ),
+            // GET_LOCK runs once (one row from DUAL); only when it returns 1 is the row inserted
+            // (token 1, affected rows 1) or updated (LAST_INSERT_ID(token + 1), affected rows 2).
+            acquire: format!(
+                "INSERT INTO {table} \
+                 (lock_key, lock_name, token, owner, connection_id, acquired_at) \
+                 SELECT ?, ?, 1, ?, CONNECTION_ID(), {now} FROM DUAL WHERE GET_LOCK(?, 0) = 1 \
+                 ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1), lock_name = ?, \
+                 owner = ?, connection_id = CONNECTION_ID(), acquired_at = {now}"
+            ),
+            probe: format!(
+                "SELECT IS_USED_LOCK(?), t.owner, t.token, {acquired}, t.connection_id \
+                 FROM (SELECT 1 AS one) AS one LEFT JOIN {table} AS t ON t.lock_key = ?"
+            ),
+            check_held: format!(
+                "SELECT CONNECTION_ID(), IS_USED_LOCK(?), \
+                 (SELECT COUNT(*) FROM {table} WHERE lock_key = ? AND token = ? AND owner = ? \
+                 AND connection_id = CONNECTION_ID())"
+            ),
+            check_remote: format!(
+                "SELECT t.connection_id, IS_USED_LOCK(?) FROM {table} AS t \
+                 WHERE t.lock_key = ? AND t.token = ? AND t.owner = ?"
+            ),
+            tidy: format!(
+                "UPDATE {table} SET owner = NULL, connection_id = NULL, acquired_at = NULL \
+                 WHERE lock_key = ? AND token = ? AND connection_id = ?"
+            ),
+            list: format!(
+                "SELECT t.lock_key, t.owner, t.token, {acquired} FROM {table} AS t \
+                 WHERE t.owner IS NOT NULL AND IS_USED_LOCK(t.lock_name) = t.connection_id \
+                 ORDER BY t.lock_key"
+            ),
+            stale: format!(
+                "SELECT lock_key, token, connection_id FROM {table} \
+                 WHERE owner IS NOT NULL AND NOT (IS_USED_LOCK(lock_name) <=> connection_id)"
+            ),
+        }
+    }
+}
+
+/// What a probe of a key found: `IS_USED_LOCK(name)` and the key's record.
+struct Probe {
+    used_by: Option<u64>,
+    owner: Option<Vec<u8>>,
+    token: Option<u64>,
+    acquired_us: Option<i64>,
+    connection_id: Option<u64>,
+}
+
+type ProbeRow = (
+    Option<u64>,
+    Option<Vec<u8>>,
+    Option<u64>,
+    Option<i64>,
+    Option<u64>,
+);
+
+impl Probe {
+    /// Whether the record describes the connection that holds the lock.
+    fn consistent(&self) -> bool {
+        match self.used_by {
+            None => true,
+            Some(id) => self.connection_id == Some(id) && self.owner.is_some(),
+        }
+    }
+}
+
+impl MysqlGetLockBackend {
+    /// A backend over `config`'s server, table and prefix (its strategy is ignored). Validates
+    /// the configuration; connects lazily, on first use. Call within a Tokio runtime.
+    pub fn new(config: MysqlConfig) -> Result<Self> {
+        let checked = config.check_for(Strategy::GetLock)?;
+        let sql = Sql::new(&checked.table.backquoted());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                shared: Shared::new(NAME, checked),
+                sql,
+                held: Mutex::default(),
+            }),
+        })
+    }
+
+    /// The `GET_LOCK` name this backend uses for `key` (see [`crate::lock_name()`]).
+    ///
+    /// ```
+    /// use leaselock::LockKey;
+    /// use leaselock_mysql::{MysqlConfig, MysqlGetLockBackend};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> leaselock::Result<()> {
+    /// let config = MysqlConfig::from_url("mysql://127.0.0.1/app")?.prefix("myapp");
+    /// let backend = MysqlGetLockBackend::new(config)?;
+    /// assert_eq!(backend.lock_name(&LockKey::new("migrations")?), "myapp:migrations");
+    /// # Ok(()) }
+    /// ```
+    pub fn lock_name(&self, key: &LockKey) -> String {
+        lock_name(self.shared().checked.prefix.as_str(), key.as_str())
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.inner.shared
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashMap<(LockKey, u64), Arc<Held>>> {
+        lock(&self.inner.held)
+    }
+
+    /// This instance's record of `lease`, if it acquired it.
+    fn local(&self, lease: &Lease) -> Option<Arc<Held>> {
+        self.held()
+            .get(&(lease.key.clone(), lease.token.get()))
+            .filter(|held| held.owner == lease.owner)
+            .cloned()
+    }
+
+    /// Forgets locks lost long ago (their guards have long been told).
+    fn prune(&self) {
+        self.held()
+            .retain(|_, held| lock(&held.lost_at).is_none_or(|at| at.elapsed() < KEEP_LOST));
+    }
+
+    /// Reads `IS_USED_LOCK(name)` and the key's record; retries a few times when it catches an
+    /// acquisition half-way.
+    async fn probe(&self, conn: &mut Conn, key: &LockKey) -> Result<Probe> {
+        let name = self.lock_name(key);
+        let mut attempt = 0;
+        loop {
+            let row: Option<ProbeRow> = self
+                .shared()
+                .first(conn, &self.inner.sql.probe, (&name, key.as_str()))
+                .await?;
+            let (used_by, owner, token, acquired_us, connection_id) =
+                row.unwrap_or((None, None, None, None, None));
+            let probe = Probe {
+                used_by,
+                owner,
+                token,
+                acquired_us,
+                connection_id,
+            };
+            attempt += 1;
+            if probe.consistent() || attempt > PROBE_RETRIES {
+                return Ok(probe);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The holder a probe found, or `None` if the lock is free. A lock held by a connection the
+    /// record does not describe (taken outside leaselock, or caught mid-acquisition) is reported
+    /// with owner `unknown (connection N)` and the key's last token.
+    fn holder(&self, key: &LockKey, probe: Probe) -> Result<Option<LockInfo>> {
+        let Some(id) = probe.used_by else {
+            return Ok(None);
+        };
+        let token = FencingToken::new(probe.token.unwrap_or(0));
+        match probe.owner {
+            Some(owner) if probe.connection_id == Some(id) => {
+                let mut info = LockInfo::new(key.clone(), self.shared().owner_from(owner)?, token);
+                info.acquired_at = probe.acquired_us.map(system_time);
+                Ok(Some(info))
+            }
+            _ => {
+                let owner = OwnerId::new(format!("unknown (connection {id})"))?;
+                Ok(Some(LockInfo::new(key.clone(), owner, token)))
+            }
+        }
+    }
+
+    /// Checks on its own connection that a lock this instance holds is still held. `Ok(Err)`
+    /// names why not.
+    async fn check_local(&self, held: &Held) -> Result<std::result::Result<(), String>> {
+        if let Some(reason) = held.lost_reason() {
+            return Ok(Err(reason));
+        }
+        let mut slot = held.conn.lock().await;
+        let Some(conn) = slot.as_mut() else {
+            let reason = held.lost_reason();
+            return Ok(Err(reason.unwrap_or_else(|| "the lock was released".into())));
+        };
+        let params = (
+            held.name.as_str(),
+            held.key.as_str(),
+            held.token.get(),
+            held.owner.as_str(),
+        );
+        let row: std::result::Result<Option<(u64, Option<u64>, i64)>, _> =
+            conn.exec_first(&self.inner.sql.check_held, params).await;
+        let reason = match row {
+            Ok(Some((id, used_by, records))) => {
+                // The handshake's id has 32 bits.
+                let ours = |id: u64| id as u32 == held.conn_id;
+                if ours(id) && used_by.is_some_and(ours) && records == 1 {
+                    return Ok(Ok(()));
+                }
+                if !ours(id) {
+                    format!("the lock's connection changed (now {id})")
+                } else if !used_by.is_some_and(ours) {
+                    "the lock's connection no longer holds the lock".to_owned()
+                } else {
+                    "the lock's record was cleared (force-released?)".to_owned()
+                }
+            }
+            Ok(None) => "the lock's connection answered nothing".to_owned(),
+            Err(e) if is_connection_gone(&e) => {
+                format!("the connection holding the lock ended: {e}")
+            }
+            Err(e) => return Err(self.shared().err(e)),
+        };
+        held.mark_lost(&reason, slot.take());
+        Ok(Err(reason))
+    }
+
+    /// Whether `lease`, acquired by another instance or process, still holds its key; returns
+    /// the holding connection's id if so.
+    async fn check_remote(&self, conn: &mut Conn, lease: &Lease) -> Result<Option<u64>> {
+        let name = self.lock_name(&lease.key);
+        let params = (
+            name.as_str(),
+            lease.key.as_str(),
+            lease.token.get(),
+            lease.owner.as_str(),
+        );
+        let row: Option<(Option<u64>, Option<u64>)> = self
+            .shared()
+            .first(conn, &self.inner.sql.check_remote, params)
+            .await?;
+        Ok(match row {
+            Some((Some(recorded), Some(used_by))) if recorded == used_by => Some(used_by),
+            _ => None,
+        })
+    }
+
+    /// Ends connection `id` and waits until it no longer holds `key`'s lock.
+    async fn kill(&self, conn: &mut Conn, key: &LockKey, id: u64) -> Result<()> {
+        let shared = self.shared();
+        let killed = match conn.exec_drop("KILL CONNECTION ?", (id,)).await {
+            Err(e) if server_code(&e) == Some(ER_UNSUPPORTED_PS) => {
+                // Servers that cannot prepare KILL: the id is a number the server gave us.
+                conn.query_drop(format!("KILL CONNECTION {id}")).await
+            }
+            other => other,
+        };
+        match killed {
+            Ok(()) => {}
+            Err(e) if server_code(&e) == Some(ER_NO_SUCH_THREAD) => {}
+            Err(e) => return Err(shared.err(e)),
+        }
+        let name = self.lock_name(key);
+        let started = Instant::now();
+        loop {
+            let used_by: Option<Option<u64>> = shared
+                .first(conn, "SELECT IS_USED_LOCK(?)", (name.as_str(),))
+                .await?;
+            if used_by.flatten() != Some(id) {
+                return Ok(());
+            }
+            if started.elapsed() > KILL_WAIT {
+                return Err(Error::transient(
+                    NAME,
+                    format!(
+                        "connection {id} was killed but still held `{key}` after {KILL_WAIT:?}"
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Marks this instance's record of `key` (if any) lost, after its connection was killed.
+    fn lost_locally(&self, key: &LockKey, token: FencingToken, reason: &str) {
+        let held = self.held().get(&(key.clone(), token.get())).cloned();
+        if let Some(held) = held {
+            // The connection is dead; the liveness task will take it out of the slot.
+            held.mark_lost(reason, None);
+        }
+    }
+}
+
+/// Pings a held lock's connection until it is released, lost, or forgotten.
+async fn watch_liveness(held: Weak<Held>, every: Duration) {
+    let timeout = (every * 4).max(Duration::from_secs(2));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(held) = held.upgrade() else { return };
+        let mut slot = held.conn.lock().await;
+        let Some(conn) = slot.as_mut() else { return };
+        if held.lost_reason().is_some() {
+            if let Some(conn) = slot.take() {
+                discard(conn);
+            }
+            return;
+        }
+        let reason = match tokio::time::timeout(timeout, conn.ping()).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => format!(
+                "the connection holding the lock ended (killed on the server, or dropped): {e}"
+            ),
+            Err(_) => {
+                format!("the connection holding the lock did not answer a ping in {timeout:?}")
+            }
+        };
+        held.mark_lost(&reason, slot.take());
+        return;
+    }
+}
+
+impl fmt::Debug for MysqlGetLockBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MysqlGetLockBackend")
+            .field("server", &self.shared().ctx.server)
+            .field("table", &self.shared().checked.table)
+            .field("prefix", &self.shared().checked.prefix)
+            .field("held", &self.held().len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl LockBackend for MysqlGetLockBackend {
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::new(NAME, LockKind::Session, ExpiryClock::None);
+        caps.release_notifications = true;
+        caps.lost_notifications = true;
+        caps
+    }
+
+    async fn init_storage(&self) -> Result<()> {
+        let mut conn = self.shared().conn().await?;
+        conn.query_drop(&self.inner.sql.create)
+            .await
+            .map_err(|e| self.shared().err(e))?;
+        tracing::debug!(table = %self.shared().checked.table, "GET_LOCK counter table ready");
+        Ok(())
+    }
+
+    async fn check_storage(&self) -> Result<()> {
+        let shared = self.shared();
+        let mut conn = shared
+            .pool
+            .get_conn()
+            .await
+            .map_err(|e| shared.check_error(e))?;
+        conn.query_drop(&self.inner.sql.check)
+            .await
+            .map_err(|e| shared.check_error(e))
+    }
+
+    async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
+        self.prune();
+        let shared = self.shared();
+        let key = request.key();
+        let owner = request.owner().as_str();
+        let name = self.lock_name(key);
+        let sent = SystemTime::now();
+        let mut conn = shared.conn().await?;
+        let params = (
+            key.as_str(),
+            name.as_str(),
+            owner,
+            name.as_str(),
+            name.as_str(),
+            owner,
+        );
+        if let Err(e) = conn.exec_drop(&self.inner.sql.acquire, params).await {
+            // The statement may have taken the lock before failing: end the connection rather
+            // than return it to the pool holding a lock.
+            let _ = conn.disconnect().await;
+            return Err(shared.err(e));
+        }
+        let token = match (conn.affected_rows(), conn.last_insert_id()) {
+            (1, None) => 1,
+            (2, Some(token)) => token,
+            (0, _) => {
+                let probe = self.probe(&mut conn, key).await?;
+                let holder = match probe.consistent() {
+                    true => self.holder(key, probe)?,
+                    false => None,
+                };
+                return Ok(AcquireOutcome::Held(holder));
+            }
+            (rows, id) => {
+                let _ = conn.disconnect().await;
+                return Err(shared.corrupt(format!(
+                    "unexpected acquisition outcome ({rows} rows affected, insert id {id:?})"
+                )));
+            }
+        };
+        // Whatever happens to this connection now, it must not go back to the pool holding the
+        // lock: a pooled connection is reset (which frees user locks) before reuse.
+        conn.reset_connection(true);
+        let (lost, _) = watch::channel(None);
+        let held = Arc::new(Held {
+            key: key.clone(),
+            owner: request.owner().clone(),
+            token: FencingToken::new(token),
+            name,
+            conn_id: conn.id(),
+            conn: tokio::sync::Mutex::new(Some(conn)),
+            lost,
+            lost_at: Mutex::new(None),
+        });
+        self.held().insert((key.clone(), token), Arc::clone(&held));
+        tokio::spawn(watch_liveness(
+            Arc::downgrade(&held),
+            shared.checked.liveness_interval,
+        ));
+        tracing::trace!(%key, token, conn = held.conn_id, "GET_LOCK acquired");
+        Ok(AcquireOutcome::Acquired(Lease::new(
+            key.clone(),
+            request.owner().clone(),
+            FencingToken::new(token),
+            sent,
+        )))
+    }
+
+    async fn refresh(&self, lease: &Lease) -> Result<Lease> {
+        // Nothing to extend: check that the session is alive and unchanged.
+        if let Some(held) = self.local(lease) {
+            return match self.check_local(&held).await? {
+                Ok(()) => Ok(lease.clone()),
+                Err(reason) => Err(Error::lost(&lease.key, reason)),
+            };
+        }
+        let mut conn = self.shared().conn().await?;
+        match self.check_remote(&mut conn, lease).await? {
+            Some(_) => Ok(lease.clone()),
+            None => Err(Error::lost(
+                &lease.key,
+                "the lock is no longer held by this lease's connection",
+            )),
+        }
+    }
+
+    async fn verify(&self, lease: &Lease) -> Result<bool> {
+        if let Some(held) = self.local(lease) {
+            return Ok(self.check_local(&held).await?.is_ok());
+        }
+        let mut conn = self.shared().conn().await?;
+        Ok(self.check_remote(&mut conn, lease).await?.is_some())
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool> {
+        let shared = self.shared();
+        let held = {
+            let mut map = self.held();
+            let slot = (lease.key.clone(), lease.token.get());
+            match map.get(&slot) {
+                Some(held) if held.owner == lease.owner => map.remove(&slot),
+                _ => None,
+            }
+        };
+        let Some(held) = held else {
+            // Held by another instance or process (or not at all): only ending its connection
+            // can release it, and only if this lease is the one holding it.
+            let mut conn = shared.conn().await?;
+            let Some(id) = self.check_remote(&mut conn, lease).await? else {
+                return Ok(false);
+            };
+            self.kill(&mut conn, &lease.key, id).await?;
+            shared
+                .run(
+                    &mut conn,
+                    &self.inner.sql.tidy,
+                    (lease.key.as_str(), lease.token.get(), id),
+                )
+                .await?;
+            tracing::info!(key = %lease.key, token = %lease.token, conn = id, "released another process's GET_LOCK lock by ending its connection");
+            return Ok(true);
+        };
+        let Some(mut conn) = held.conn.lock().await.take() else {
+            return Ok(false);
+        };
+        if held.lost_reason().is_some() {
+            discard(conn);
+            return Ok(false);
+        }
+        let released: std::result::Result<Option<Option<i64>>, _> = conn
+            .exec_first("SELECT RELEASE_LOCK(?)", (held.name.as_str(),))
+            .await;
+        match released {
+            Ok(Some(Some(1))) => {}
+            Ok(_) => {
+                held.mark_lost("the lock's connection no longer held the lock", Some(conn));
+                return Ok(false);
+            }
+            Err(e) if is_connection_gone(&e) => {
+                held.mark_lost(&format!("the connection holding the lock ended: {e}"), None);
+                return Ok(false);
+            }
+            Err(e) => {
+                held.mark_lost("releasing failed", Some(conn));
+                return Err(shared.err(e));
+            }
+        }
+        // The lock is free (waiters get it now); clear the record, keeping the counter. A new
+        // holder's record has a higher token and is left alone.
+        let params = (held.key.as_str(), held.token.get(), u64::from(held.conn_id));
+        if let Err(error) = shared.run(&mut conn, &self.inner.sql.tidy, params).await {
+            tracing::debug!(key = %held.key, %error, "could not clear the released lock's record; status ignores it");
+        }
+        tracing::trace!(key = %held.key, token = %held.token, "GET_LOCK released");
+        Ok(true)
+    }
+
+    async fn status(&self, key: &LockKey) -> Result<LockState> {
+        let mut conn = self.shared().conn().await?;
+        let probe = self.probe(&mut conn, key).await?;
+        Ok(match self.holder(key, probe)? {
+            Some(info) => LockState::Held(info),
+            None => LockState::Free,
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<LockInfo>> {
+        let shared = self.shared();
+        let mut conn = shared.conn().await?;
+        type ListRow = (Vec<u8>, Vec<u8>, u64, Option<i64>);
+        let rows: Vec<ListRow> = shared.all(&mut conn, &self.inner.sql.list, ()).await?;
+        rows.into_iter()
+            .map(|(key, owner, token, acquired)| {
+                let mut info = LockInfo::new(
+                    shared.key_from(key)?,
+                    shared.owner_from(owner)?,
+                    FencingToken::new(token),
+                );
+                info.acquired_at = acquired.map(system_time);
+                Ok(info)
+            })
+            .collect()
+    }
+
+    async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+        let shared = self.shared();
+        let mut conn = shared.conn().await?;
+        let probe = self.probe(&mut conn, key).await?;
+        let Some(id) = probe.used_by else {
+            return Ok(None);
+        };
+        let Some(info) = self.holder(key, probe)? else {
+            return Ok(None);
+        };
+        self.kill(&mut conn, key, id).await?;
+        shared
+            .run(
+                &mut conn,
+                &self.inner.sql.tidy,
+                (key.as_str(), info.token.get(), id),
+            )
+            .await?;
+        self.lost_locally(key, info.token, "the lock was force-released");
+        tracing::info!(%key, owner = %info.owner, token = %info.token, conn = id, "GET_LOCK lock force-released (connection killed)");
+        Ok(Some(info))
+    }
+
+    async fn release_expired(&self) -> Result<u64> {
+        // Session locks never expire. What can go stale is a holder record whose session ended
+        // without releasing (killed, crashed): clear those, keeping the counters.
+        let shared = self.shared();
+        let mut conn = shared.conn().await?;
+        let stale: Vec<(Vec<u8>, u64, Option<u64>)> =
+            shared.all(&mut conn, &self.inner.sql.stale, ()).await?;
+        let mut cleared = 0;
+        for (key, token, connection_id) in stale {
+            // Each row alone, by primary key and token, re-checking the lock: no range locks.
+            let sql = format!(
+                "{} AND NOT (IS_USED_LOCK(lock_name) <=> connection_id)",
+                self.inner.sql.tidy
+            );
+            cleared += shared
+                .run(&mut conn, &sql, (key, token, connection_id.unwrap_or(0)))
+                .await?;
+        }
+        Ok(cleared)
+    }
+
+    async fn watch_release(&self, key: &LockKey) -> Result<Option<Wakeup>> {
+        let pool = self.shared().pool.clone();
+        let name = self.lock_name(key);
+        let wait = self.shared().checked.release_wait.as_secs();
+        // Starts waiting only when first polled (after a failed attempt), so a first attempt that
+        // succeeds costs nothing.
+        Ok(Some(Box::pin(async move {
+            let (tx, rx) = oneshot::channel::<()>();
+            tokio::spawn(wait_for_release(pool, name, wait, tx));
+            if rx.await.is_err() {
+                // The watcher could not wait (no connection): leave it to the caller's polling.
+                std::future::pending::<()>().await;
+            }
+        })))
+    }
+
+    fn watch_lost(&self, lease: &Lease) -> Option<Wakeup> {
+        let held = self.local(lease)?;
+        let mut rx = held.lost.subscribe();
+        Some(Box::pin(async move {
+            loop {
+                if rx.borrow_and_update().is_some() {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    // Forgotten: released through this instance, so gone as well.
+                    return;
+                }
+            }
+        }))
+    }
+}
+
+/// Waits server-side, `wait` seconds at a time, until `name` is free, takes it and lets go in the
+/// same statement, and tells `tx`. Gives up quietly when nobody listens any more or on an error.
+async fn wait_for_release(
+    pool: mysql_async::Pool,
+    name: String,
+    wait: u64,
+    tx: oneshot::Sender<()>,
+) {
+    let Ok(mut conn) = pool.get_conn().await else {
+        return;
+    };
+    loop {
+        let got: std::result::Result<Option<Option<i64>>, _> = conn
+            .exec_first(
+                "SELECT IF(GET_LOCK(?, ?) = 1, RELEASE_LOCK(?), 0)",
+                (name.as_str(), wait, name.as_str()),
+            )
+            .await;
+        match got {
+            Ok(Some(Some(1))) => {
+                let _ = tx.send(());
+                return;
+            }
+            Ok(_) if !tx.is_closed() => continue,
+            Ok(_) => return,
+            Err(_) => {
+                let _ = conn.disconnect().await;
+                return;
+            }
+        }
+    }
+}
