@@ -73,16 +73,19 @@ pub async fn run(url: &str, args: RunArgs) -> Result<u8, Failure> {
     let mut signals = Signals::install()
         .map_err(|e| Failure::new(INTERNAL, format!("cannot handle signals: {e}")))?;
 
-    let backend = connect(&target).await?;
-    let locker = configure(Locker::builder(backend))
-        .build()
-        .map_err(|e| Failure::lock("", &e))?;
-    ensure_storage(&locker, &target).await?;
-
+    // Connecting, creating storage and waiting can all take long: a signal interrupts them.
+    let prepare = async {
+        let backend = connect(&target).await?;
+        let locker = configure(Locker::builder(backend))
+            .build()
+            .map_err(|e| Failure::lock("", &e))?;
+        ensure_storage(&locker, &target).await?;
+        Ok::<_, Failure>(locker.acquire(key.as_str()).await)
+    };
     let acquired = tokio::select! {
-        acquired = locker.acquire(key.as_str()) => acquired,
+        acquired = prepare => acquired?,
         sig = signals.recv() => {
-            say(&format!("{} while waiting for `{key}`; not running the command", sig.as_str()));
+            say(&format!("{} before `{key}` was acquired; not running the command", sig.as_str()));
             return Ok(signal_code(sig));
         }
     };
@@ -109,7 +112,7 @@ pub async fn run(url: &str, args: RunArgs) -> Result<u8, Failure> {
     let child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
-            release(guard, &key, args.ttl).await;
+            release(guard, &key, args.ttl, &mut signals).await;
             return Err(Failure::new(
                 CANNOT_RUN,
                 format!("cannot run `{}`: {e}", program.to_string_lossy()),
@@ -119,7 +122,7 @@ pub async fn run(url: &str, args: RunArgs) -> Result<u8, Failure> {
 
     let end = supervise(child, &guard, &mut signals, &key, args.kill_grace).await;
     let lost_before_release = guard.is_lost();
-    let still_held = release(guard, &key, args.ttl).await;
+    let still_held = release(guard, &key, args.ttl, &mut signals).await;
     match end {
         Err(e) => Err(Failure::new(
             INTERNAL,
@@ -179,9 +182,26 @@ fn held_message(
     }
 }
 
-/// Releases the lock, warning when that fails. `Some(was_held)` on success.
-async fn release(guard: LockGuard, key: &LockKey, ttl: Duration) -> Option<bool> {
-    match guard.release().await {
+/// Releases the lock, warning when that fails. `Some(was_held)` on success. A signal received
+/// meanwhile abandons the release (the lease then expires within `ttl`).
+async fn release(
+    guard: LockGuard,
+    key: &LockKey,
+    ttl: Duration,
+    signals: &mut Signals,
+) -> Option<bool> {
+    let outcome = tokio::select! {
+        outcome = guard.release() => outcome,
+        sig = signals.recv() => {
+            say(&format!(
+                "{} while releasing `{key}`; giving up, the lease expires within {}",
+                sig.as_str(),
+                human_duration(ttl)
+            ));
+            return None;
+        }
+    };
+    match outcome {
         Ok(was_held) => Some(was_held),
         Err(e) => {
             say(&format!(
