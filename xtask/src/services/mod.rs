@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use crate::util::Result;
 
+mod mongodb;
 mod mysql;
 mod pgbouncer;
 mod postgres;
@@ -45,5 +46,10 @@ pub struct Service {
 
 /// Every service, in start order.
 pub fn all() -> Vec<Service> {
-    vec![postgres::SERVICE, pgbouncer::SERVICE, mysql::SERVICE]
+    vec![
+        postgres::SERVICE,
+        pgbouncer::SERVICE,
+        mysql::SERVICE,
+        mongodb::SERVICE,
+    ]
 }
