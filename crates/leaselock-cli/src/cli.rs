@@ -23,7 +23,8 @@ use crate::target::DEFAULT_URL;
 pub struct Cli {
     /// Where locks live: sqlite://FILE (relative to the current directory),
     /// sqlite:///ABSOLUTE/FILE (optional ?table=NAME), postgres://USER:PASSWORD@HOST/DB
-    /// (?strategy=advisory|table). Passwords are never printed.
+    /// (?strategy=advisory|table), mysql://USER:PASSWORD@HOST/DB (?strategy=get_lock|table).
+    /// Passwords are never printed.
     #[arg(
         long,
         env = "LEASELOCK_URL",

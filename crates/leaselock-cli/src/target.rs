@@ -28,7 +28,7 @@ const SECRET_PARAMS: &[&str] = &[
 ];
 
 /// The schemes this build accepts, for messages.
-const AVAILABLE: &str = "sqlite, postgres";
+const AVAILABLE: &str = "sqlite, postgres, mysql";
 
 /// The backends this build can open, by URL scheme.
 ///
@@ -42,6 +42,9 @@ pub enum Scheme {
     /// `postgres://` or `postgresql://`, with `?strategy=advisory|table` (default `advisory`),
     /// `table=`, `schema=`, `prefix=`; other parameters go to the driver.
     Postgres,
+    /// `mysql://` or `mariadb://`, with `?strategy=get_lock|table` (default `get_lock`),
+    /// `table=`, `prefix=`; other parameters go to the driver.
+    Mysql,
 }
 
 impl Scheme {
@@ -51,13 +54,12 @@ impl Scheme {
         match scheme {
             "sqlite" => Ok(Scheme::Sqlite),
             "postgres" | "postgresql" => Ok(Scheme::Postgres),
+            "mysql" | "mariadb" => Ok(Scheme::Mysql),
             // Not wired into this build yet (their crates are in progress):
-            "mysql" | "mariadb" | "mongodb" | "mongodb+srv" | "dynamodb" => {
-                Err(Failure::usage(format!(
-                    "the `{scheme}` backend is not available in this build of leaselock yet \
+            "mongodb" | "mongodb+srv" | "dynamodb" => Err(Failure::usage(format!(
+                "the `{scheme}` backend is not available in this build of leaselock yet \
                      (available: {AVAILABLE})"
-                )))
-            }
+            ))),
             other => Err(Failure::usage(format!(
                 "unknown URL scheme `{other}` (available: {AVAILABLE}; for example {DEFAULT_URL})"
             ))),
@@ -107,6 +109,9 @@ impl Target {
             Scheme::Postgres => {
                 leaselock_postgres::PgConfig::from_url(url).map_err(invalid)?;
             }
+            Scheme::Mysql => {
+                leaselock_mysql::MysqlConfig::from_url(url).map_err(invalid)?;
+            }
         }
         Ok(Self {
             url: url.to_owned(),
@@ -129,7 +134,7 @@ impl Target {
                 let path = config.path();
                 (!path.exists()).then(|| path.to_path_buf())
             }
-            Scheme::Postgres => None,
+            Scheme::Postgres | Scheme::Mysql => None,
         }
     }
 
@@ -139,6 +144,7 @@ impl Target {
         match self.scheme {
             Scheme::Sqlite => leaselock_sqlite::from_url(&self.url).await,
             Scheme::Postgres => leaselock_postgres::from_url(&self.url).await,
+            Scheme::Mysql => leaselock_mysql::from_url(&self.url).await,
         }
     }
 }
@@ -288,6 +294,9 @@ mod tests {
         let pg = Target::parse("postgresql://app:pw@db/app?strategy=table").unwrap();
         assert_eq!(pg.scheme, Scheme::Postgres);
         assert_eq!(pg.display(), "postgresql://app:***@db/app?strategy=table");
+        let my = Target::parse("mariadb://root:pw@db/app?strategy=get_lock").unwrap();
+        assert_eq!(my.scheme, Scheme::Mysql);
+        assert_eq!(my.display(), "mariadb://root:***@db/app?strategy=get_lock");
         for bad in [
             "",
             "leaselock.db",
@@ -300,6 +309,7 @@ mod tests {
             "sqlite://x.db?nope=1",
             "postgres://app:pw@db/app?strategy=nope",
             "postgres://db/app?strategy=table&prefix=p",
+            "mysql://root:pw@db/app?strategy=advisory",
         ] {
             let failure = Target::parse(bad).unwrap_err();
             assert_eq!(failure.code, crate::exit::USAGE, "{bad}: {failure}");

@@ -666,16 +666,30 @@ fn with_params(url: &str, params: &str) -> String {
     format!("{url}{sep}{params}")
 }
 
-/// Both PostgreSQL strategies through the command: mutual exclusion of several processes, the
-/// conflict code, status and a forced release that stops the holder.
+/// Both PostgreSQL strategies through the command.
 #[test]
 fn postgres_strategies_through_the_command() {
     let Some(base) = leaselock_conformance::server_url("LEASELOCK_POSTGRES_URL") else {
         return;
     };
-    for strategy in ["table", "advisory"] {
+    server_strategies(&base, &["table", "advisory"]);
+}
+
+/// Both MySQL/MariaDB strategies through the command.
+#[test]
+fn mysql_strategies_through_the_command() {
+    let Some(base) = leaselock_conformance::server_url("LEASELOCK_MYSQL_URL") else {
+        return;
+    };
+    server_strategies(&base, &["table", "get_lock"]);
+}
+
+/// For each strategy of a server backend: mutual exclusion of several processes, the conflict
+/// code, status, `--if-stale` refusing a live lock, and a forced release that stops the holder.
+fn server_strategies(base: &str, strategies: &[&str]) {
+    for &strategy in strategies {
         let env = Env::with_url(with_params(
-            &base,
+            base,
             &format!("strategy={strategy}&table=leaselock_cli_{strategy}"),
         ));
         let key = fresh_key(strategy);
