@@ -58,7 +58,9 @@ fn install() -> Result<PathBuf> {
         ])
         .arg("--root")
         .arg(INSTALL_ROOT)
-        .env("CARGO_TARGET_DIR", &target))?;
+        .env("CARGO_TARGET_DIR", &target)
+        // Outside the workspace, so its configuration does not apply.
+        .current_dir(std::env::temp_dir()))?;
     if binary.is_file() {
         Ok(binary)
     } else {
