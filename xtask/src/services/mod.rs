@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use crate::util::Result;
 
+mod dynamodb;
 mod mongodb;
 mod mysql;
 mod pgbouncer;
@@ -51,5 +52,6 @@ pub fn all() -> Vec<Service> {
         pgbouncer::SERVICE,
         mysql::SERVICE,
         mongodb::SERVICE,
+        dynamodb::SERVICE,
     ]
 }
