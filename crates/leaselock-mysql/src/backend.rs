@@ -44,6 +44,12 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn new(backend: &'static str, checked: Checked) -> Self {
+        #[cfg(feature = "tls")]
+        {
+            // rustls needs a process-wide crypto provider when several are compiled in (another
+            // crate may enable aws-lc-rs); use ring unless the application chose one.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let ctx = ErrorContext {
             backend,
             table: checked.table.as_str().to_owned(),

@@ -1,4 +1,4 @@
-//! MySQL and MariaDB backends for [leaselock](leaselock), over `mysql_async`.
+//! MySQL and MariaDB backends for [`leaselock`], over `mysql_async`.
 //!
 //! Two backends, chosen with [`Strategy`] (or `strategy=` in a URL):
 //!

@@ -60,7 +60,6 @@ struct Sql {
     create: String,
     check: String,
     acquire: String,
-    holder: String,
     refresh: String,
     verify: String,
     release: String,
@@ -109,7 +108,6 @@ impl Sql {
                  acquired_at = IF({free}, {now}, acquired_at), \
                  expires_at = IF({free}, {now} + INTERVAL ? MICROSECOND, expires_at)"
             ),
-            holder: format!("SELECT {holder_columns} FROM {table} WHERE lock_key = ?"),
             refresh: format!(
                 "UPDATE {table} SET expires_at = {now} + INTERVAL ? MICROSECOND \
                  WHERE lock_key = ? AND owner = ? AND token = ? AND expires_at > {now}"
@@ -230,7 +228,7 @@ impl LockBackend for MysqlTableBackend {
             (2, Some(token)) => token,
             (0, _) => {
                 let row: Option<HolderRow> = shared
-                    .first(&mut conn, &self.inner.sql.holder, (key,))
+                    .first(&mut conn, &self.inner.sql.status, (key,))
                     .await?;
                 let holder = match self.state(request.key(), row)? {
                     LockState::Held(info) => Some(info),

@@ -1,0 +1,513 @@
+//! MySQL/MariaDB-specific behaviour beyond the shared suite: server-side kills, concurrent
+//! initialization, long keys, storage checks, wake-ups, URLs.
+//!
+//! Needs `LEASELOCK_MYSQL_URL` (for example `mysql://root@127.0.0.1:3306/leaselock_test`); skips
+//! loudly without it, and fails under `CI=true`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use leaselock::{
+    AcquireOutcome, AcquireRequest, Error, Lease, LockBackend, LockKey, LockState, Locker, OwnerId,
+    WaitPolicy,
+};
+use leaselock_mysql::mysql_async::prelude::*;
+use leaselock_mysql::mysql_async::{Conn, Opts, OptsBuilder};
+use leaselock_mysql::{MysqlConfig, MysqlGetLockBackend, MysqlTableBackend, Strategy};
+
+/// Generous bound for anything that should take milliseconds: never tight timing.
+const SOON: Duration = Duration::from_secs(5);
+
+fn url() -> Option<String> {
+    leaselock_conformance::server_url("LEASELOCK_MYSQL_URL")
+}
+
+fn fresh_namespace() -> String {
+    leaselock_conformance::fresh_namespace()
+}
+
+fn key(name: &str) -> LockKey {
+    leaselock_conformance::fresh_key(name)
+}
+
+fn owner(name: &str) -> OwnerId {
+    OwnerId::new(format!("{name}-{}", uuid::Uuid::new_v4().simple())).unwrap()
+}
+
+fn request(key: &LockKey, owner: &OwnerId) -> AcquireRequest {
+    AcquireRequest::new(key.clone(), owner.clone(), Duration::from_secs(60)).unwrap()
+}
+
+async fn acquire(backend: &dyn LockBackend, key: &LockKey, who: &str) -> Lease {
+    match backend
+        .try_acquire(&request(key, &owner(who)))
+        .await
+        .unwrap()
+    {
+        AcquireOutcome::Acquired(lease) => lease,
+        AcquireOutcome::Held(holder) => panic!("`{key}` should be free; held by {holder:?}"),
+    }
+}
+
+async fn raw_conn(url: &str) -> Conn {
+    Conn::new(Opts::from_url(url).unwrap()).await.unwrap()
+}
+
+/// A GET_LOCK backend in a fresh table and prefix, initialized.
+async fn get_lock_backend(url: &str) -> (MysqlGetLockBackend, String) {
+    let ns = fresh_namespace();
+    let config = MysqlConfig::from_url(url).unwrap().table(&ns).prefix(&ns);
+    let backend = MysqlGetLockBackend::new(config).unwrap();
+    backend.init_storage().await.unwrap();
+    (backend, ns)
+}
+
+async fn drop_table(url: &str, table: &str) {
+    let table = leaselock::Namespace::new(table).unwrap();
+    let mut conn = raw_conn(url).await;
+    conn.query_drop(format!("DROP TABLE IF EXISTS {}", table.backquoted()))
+        .await
+        .unwrap();
+}
+
+/// The connection id holding `name`, if any.
+async fn holder_of(conn: &mut Conn, name: &str) -> Option<u64> {
+    let row: Option<Option<u64>> = conn
+        .exec_first("SELECT IS_USED_LOCK(?)", (name,))
+        .await
+        .unwrap();
+    row.flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_side_kill_fires_the_lost_signal() {
+    let Some(url) = url() else { return };
+    let (backend, ns) = get_lock_backend(&url).await;
+    let backend = Arc::new(backend);
+    let k = key("kill");
+    let name = backend.lock_name(&k);
+    // No refresh daemon: only the backend's own liveness watch can tell the guard.
+    let locker = Locker::builder(Arc::clone(&backend))
+        .refresh(false)
+        .build()
+        .unwrap();
+    let guard = locker.acquire(k.as_str()).await.unwrap().unwrap();
+    let lease = guard.lease().unwrap();
+    let direct = backend
+        .watch_lost(&lease)
+        .expect("GET_LOCK locks report losses");
+
+    let mut admin = raw_conn(&url).await;
+    let id = holder_of(&mut admin, &name)
+        .await
+        .expect("held on the server");
+    admin
+        .query_drop(format!("KILL CONNECTION {id}"))
+        .await
+        .unwrap();
+    let killed_at = Instant::now();
+
+    let reason = tokio::time::timeout(SOON, guard.lost().wait())
+        .await
+        .expect("the guard's lost signal fires after KILL CONNECTION");
+    eprintln!(
+        "lost signal {:?} after the kill: {reason}",
+        killed_at.elapsed()
+    );
+    tokio::time::timeout(SOON, direct)
+        .await
+        .expect("watch_lost resolves too");
+    assert!(!backend.verify(&lease).await.unwrap());
+    assert!(matches!(
+        backend.refresh(&lease).await,
+        Err(Error::Lost { .. })
+    ));
+    assert_eq!(backend.status(&k).await.unwrap(), LockState::Free);
+    // Free at once for someone else, with a higher token.
+    let next = acquire(&*backend, &k, "next").await;
+    assert!(next.token > lease.token);
+    assert!(!guard.release().await.unwrap());
+    assert!(backend.release(&next).await.unwrap());
+    drop_table(&url, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_init_from_16_tasks() {
+    let Some(url) = url() else { return };
+    for strategy in [Strategy::GetLock, Strategy::Table] {
+        let ns = fresh_namespace();
+        let config = MysqlConfig::from_url(&url)
+            .unwrap()
+            .strategy(strategy)
+            .table(&ns)
+            .prefix(&ns);
+        // 16 tasks on one instance and 16 on separate instances, all at once.
+        let shared = config.clone().build().unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..32 {
+            let backend = if i % 2 == 0 {
+                Arc::clone(&shared)
+            } else {
+                config.clone().build().unwrap()
+            };
+            tasks.push(tokio::spawn(async move { backend.init_storage().await }));
+        }
+        for task in tasks {
+            task.await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{strategy}: concurrent init failed: {e}"));
+        }
+        shared.check_storage().await.unwrap();
+        let k = key("after_init");
+        let lease = acquire(&*shared, &k, "a").await;
+        assert_eq!(lease.token.get(), 1);
+        assert!(shared.release(&lease).await.unwrap());
+        drop_table(&url, &ns).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_keys_and_keys_differing_after_64_characters_are_distinct() {
+    let Some(url) = url() else { return };
+    let (backend, ns) = get_lock_backend(&url).await;
+    let common = format!("{}/{}", key("long").as_str(), "q".repeat(64));
+    assert!(common.chars().count() > 64);
+    let keys: Vec<LockKey> = [
+        format!("{common}a"),
+        format!("{common}b"),
+        format!("{common}A"),
+        "x".repeat(255),
+        format!("{}{}", "x".repeat(254), "y"),
+    ]
+    .into_iter()
+    .map(|k| LockKey::new(k).unwrap())
+    .collect();
+    let mut admin = raw_conn(&url).await;
+    let mut leases = Vec::new();
+    for k in &keys {
+        let name = backend.lock_name(k);
+        assert!(name.len() <= 64, "{name}");
+        leases.push(acquire(&backend, k, "a").await);
+        // The documented name is the server's name: it shows up held there, by someone.
+        assert!(
+            holder_of(&mut admin, &name).await.is_some(),
+            "`{name}` must be held on the server"
+        );
+    }
+    let names: std::collections::HashSet<String> =
+        keys.iter().map(|k| backend.lock_name(k)).collect();
+    assert_eq!(names.len(), keys.len(), "every key has its own lock name");
+    for lease in &leases {
+        match backend.status(&lease.key).await.unwrap() {
+            LockState::Held(info) => {
+                assert_eq!(info.key, lease.key);
+                assert_eq!(info.token, lease.token);
+            }
+            other => panic!("expected Held, got {other:?}"),
+        }
+    }
+    // Releasing one leaves the others held.
+    assert!(backend.release(&leases[0]).await.unwrap());
+    assert_eq!(backend.status(&keys[0]).await.unwrap(), LockState::Free);
+    for lease in &leases[1..] {
+        assert!(backend.verify(lease).await.unwrap());
+        assert!(backend.release(lease).await.unwrap());
+    }
+    drop_table(&url, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_taken_outside_leaselock_is_reported_held() {
+    let Some(url) = url() else { return };
+    let (backend, ns) = get_lock_backend(&url).await;
+    let k = key("outside");
+    let mut other = raw_conn(&url).await;
+    let got: Option<i64> = other
+        .exec_first("SELECT GET_LOCK(?, 0)", (backend.lock_name(&k),))
+        .await
+        .unwrap();
+    assert_eq!(got, Some(1));
+    match backend
+        .try_acquire(&request(&k, &owner("a")))
+        .await
+        .unwrap()
+    {
+        AcquireOutcome::Held(_) => {}
+        AcquireOutcome::Acquired(lease) => panic!("acquired a lock held elsewhere: {lease:?}"),
+    }
+    match backend.status(&k).await.unwrap() {
+        LockState::Held(info) => assert!(info.owner.as_str().starts_with("unknown")),
+        other => panic!("expected Held by an unknown connection, got {other:?}"),
+    }
+    let _ = other.disconnect().await;
+    drop_table(&url, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_wakes_a_waiter_long_before_its_retry_interval() {
+    let Some(url) = url() else { return };
+    let (backend, ns) = get_lock_backend(&url).await;
+    let backend = Arc::new(backend);
+    let k = key("wakeup");
+    let holder = acquire(&*backend, &k, "holder").await;
+    // Without a wake-up this waiter would sleep 60 s between attempts.
+    let waiter = Locker::builder(Arc::clone(&backend))
+        .wait(WaitPolicy::until(
+            Duration::from_secs(120),
+            Duration::from_secs(60),
+        ))
+        .build()
+        .unwrap();
+    let kk = k.clone();
+    let task = tokio::spawn(async move { waiter.acquire(kk.as_str()).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !task.is_finished(),
+        "the waiter waits while the lock is held"
+    );
+    let released_at = Instant::now();
+    assert!(backend.release(&holder).await.unwrap());
+    let guard = tokio::time::timeout(SOON, task)
+        .await
+        .expect("the release wakes the waiter")
+        .unwrap()
+        .unwrap()
+        .expect("acquired");
+    eprintln!("hand-off took {:?}", released_at.elapsed());
+    assert!(guard.token() > holder.token);
+    assert!(guard.release().await.unwrap());
+    drop_table(&url, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releasing_from_another_instance_ends_the_holders_connection() {
+    let Some(url) = url() else { return };
+    let (a, ns) = get_lock_backend(&url).await;
+    let config = MysqlConfig::from_url(&url).unwrap().table(&ns).prefix(&ns);
+    let b = MysqlGetLockBackend::new(config).unwrap();
+    let k = key("remote_release");
+    let lease = acquire(&a, &k, "a").await;
+    let lost = a.watch_lost(&lease).unwrap();
+    assert!(b.verify(&lease).await.unwrap(), "any instance can verify");
+    let mut forged = lease.clone();
+    forged.owner = owner("intruder");
+    assert!(!b.release(&forged).await.unwrap());
+    assert!(b.release(&lease).await.unwrap());
+    tokio::time::timeout(SOON, lost)
+        .await
+        .expect("the holder learns of it");
+    assert_eq!(a.status(&k).await.unwrap(), LockState::Free);
+    assert!(!a.release(&lease).await.unwrap());
+    drop_table(&url, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_backend_frees_its_locks() {
+    let Some(url) = url() else { return };
+    let (a, ns) = get_lock_backend(&url).await;
+    let config = MysqlConfig::from_url(&url).unwrap().table(&ns).prefix(&ns);
+    let b = MysqlGetLockBackend::new(config).unwrap();
+    let k = key("dropped");
+    let lease = acquire(&a, &k, "a").await;
+    drop(a);
+    let started = Instant::now();
+    loop {
+        if let AcquireOutcome::Acquired(next) =
+            b.try_acquire(&request(&k, &owner("b"))).await.unwrap()
+        {
+            assert!(next.token > lease.token);
+            assert!(b.release(&next).await.unwrap());
+            break;
+        }
+        assert!(
+            started.elapsed() < SOON,
+            "the dropped instance's lock was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop_table(&url, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_expiry_follows_the_server_clock_in_any_session_time_zone() {
+    let Some(url) = url() else { return };
+    let ns = fresh_namespace();
+    // A session time zone far from UTC: expiry must not move by its offset.
+    let opts = OptsBuilder::from_opts(Opts::from_url(&url).unwrap())
+        .init(vec!["SET time_zone = '+09:30'"]);
+    let backend = MysqlTableBackend::new(MysqlConfig::new(opts).table(&ns)).unwrap();
+    backend.init_storage().await.unwrap();
+    let k = key("tz");
+    let ttl = Duration::from_secs(30);
+    let lease = match backend
+        .try_acquire(&AcquireRequest::new(k.clone(), owner("a"), ttl).unwrap())
+        .await
+        .unwrap()
+    {
+        AcquireOutcome::Acquired(lease) => lease,
+        other => panic!("{other:?}"),
+    };
+    match backend.status(&k).await.unwrap() {
+        LockState::Held(info) => {
+            let remaining = info.remaining.unwrap();
+            assert!(remaining <= ttl && remaining > ttl - SOON, "{remaining:?}");
+            // Server and tests share this machine's clock.
+            let expires = info.expires_at.unwrap();
+            let expected = SystemTime::now() + ttl;
+            let skew = expires
+                .duration_since(expected)
+                .unwrap_or_else(|e| e.duration());
+            assert!(skew < SOON, "expires_at is off by {skew:?}");
+        }
+        other => panic!("expected Held, got {other:?}"),
+    }
+    assert!(backend.release(&lease).await.unwrap());
+    drop_table(&url, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_storage_tells_missing_from_inaccessible() {
+    let Some(url) = url() else { return };
+    for strategy in [Strategy::GetLock, Strategy::Table] {
+        let ns = fresh_namespace();
+        let config = MysqlConfig::from_url(&url).unwrap().strategy(strategy);
+        let missing = config.clone().table(&ns).build().unwrap();
+        match missing.check_storage().await {
+            Err(Error::NotInitialized { what, .. }) => assert!(what.contains(&ns), "{what}"),
+            other => panic!("{strategy}: expected NotInitialized, got {other:?}"),
+        }
+
+        // The other strategy's table has the wrong columns.
+        let other = match strategy {
+            Strategy::GetLock => Strategy::Table,
+            Strategy::Table => Strategy::GetLock,
+        };
+        let theirs = config.clone().strategy(other).table(&ns).build().unwrap();
+        theirs.init_storage().await.unwrap();
+        assert!(matches!(
+            missing.check_storage().await,
+            Err(Error::NotInitialized { .. })
+        ));
+        drop_table(&url, &ns).await;
+
+        // Nobody listens on port 1.
+        let opts = OptsBuilder::from_opts(Opts::from_url(&url).unwrap())
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(1)
+            .prefer_socket(false);
+        let unreachable = MysqlConfig::new(opts).strategy(strategy).build().unwrap();
+        match unreachable.check_storage().await {
+            Err(err @ Error::NotAccessible { .. }) => assert!(err.is_retryable()),
+            other => panic!("{strategy}: expected NotAccessible, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_problems_are_not_accessible_and_never_show_the_password() {
+    let Some(url) = url() else { return };
+    let opts = Opts::from_url(&url).unwrap();
+    let user = format!(
+        "ll_noaccess_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let mut admin = raw_conn(&url).await;
+    // The user exists but has no privilege on the test database. (Account statements take no
+    // placeholders; both names are made here of letters, digits, `_` and `-`.)
+    if let Err(e) = admin
+        .query_drop(format!(
+            "CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'"
+        ))
+        .await
+    {
+        if leaselock_conformance::is_ci() {
+            panic!("cannot create a test user: {e}");
+        }
+        eprintln!("\n#####  SKIPPED: the test server's user cannot create users: {e}  #####\n");
+        return;
+    }
+    let db = opts.db_name().unwrap_or("leaselock_test");
+    let url_with_password = format!(
+        "mysql://{user}:{password}@{}:{}/{db}?prefer_socket=false",
+        opts.ip_or_hostname(),
+        opts.tcp_port()
+    );
+    for strategy in [Strategy::GetLock, Strategy::Table] {
+        let backend = MysqlConfig::from_url(&url_with_password)
+            .unwrap()
+            .strategy(strategy)
+            .build()
+            .unwrap();
+        assert!(!format!("{backend:?}").contains(&password));
+        let err = backend.check_storage().await.unwrap_err();
+        assert!(matches!(err, Error::NotAccessible { .. }), "{err:?}");
+        let mut chain = format!("{err} {err:?}");
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            chain.push_str(&format!(" {s} {s:?}"));
+            source = s.source();
+        }
+        assert!(!chain.contains(&password), "{chain}");
+        let acquire = backend
+            .try_acquire(&request(&key("denied"), &owner("a")))
+            .await
+            .unwrap_err();
+        assert!(!format!("{acquire} {acquire:?}").contains(&password));
+    }
+    admin
+        .query_drop(format!("DROP USER '{user}'@'%'"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_url_picks_the_strategy() {
+    let Some(url) = url() else { return };
+    let ns = fresh_namespace();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let table = leaselock_mysql::from_url(&format!("{url}{sep}strategy=table&table={ns}"))
+        .await
+        .unwrap();
+    assert_eq!(table.capabilities().backend, "mysql-table");
+    table.init_storage().await.unwrap();
+    table.check_storage().await.unwrap();
+    let mariadb = url.replacen("mysql://", "mariadb://", 1);
+    let get_lock = leaselock_mysql::from_url(&format!("{mariadb}{sep}prefix={ns}&table={ns}_g"))
+        .await
+        .unwrap();
+    assert_eq!(get_lock.capabilities().backend, "mysql-get-lock");
+    get_lock.init_storage().await.unwrap();
+    let k = key("url");
+    let lease = acquire(&*get_lock, &k, "a").await;
+    // The prefix from the URL is the one on the server.
+    let mut admin = raw_conn(&url).await;
+    let name = leaselock_mysql::lock_name(&ns, k.as_str());
+    assert!(holder_of(&mut admin, &name).await.is_some());
+    assert!(get_lock.release(&lease).await.unwrap());
+    drop_table(&url, &ns).await;
+    drop_table(&url, &format!("{ns}_g")).await;
+}
+
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_required_when_asked() {
+    let Some(url) = url() else { return };
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let backend =
+        leaselock_mysql::from_url(&format!("{url}{sep}require_ssl=true&prefer_socket=false"))
+            .await
+            .unwrap();
+    // Either the server speaks TLS (then the check passes over it) or the connection is refused:
+    // never a silent fallback to plain text.
+    let mut admin = raw_conn(&url).await;
+    let have_ssl: Option<(String, String)> = admin
+        .query_first("SHOW VARIABLES LIKE 'have_ssl'")
+        .await
+        .unwrap();
+    let server_has_tls = have_ssl.is_some_and(|(_, v)| v == "YES");
+    match backend.check_storage().await {
+        Ok(()) => assert!(server_has_tls),
+        Err(err) => assert!(!server_has_tls, "{err}"),
+    }
+}
