@@ -271,15 +271,21 @@ impl Shared {
         params: &[Param<'_>],
     ) -> Result<Vec<Row>> {
         let conn = self.control().await?;
-        run(
-            self.backend,
-            self.operation_timeout,
-            &conn,
-            what,
-            sql,
-            params,
-        )
-        .await
+        let outcome =
+            tokio::time::timeout(self.operation_timeout, conn.client.query_typed(sql, params))
+                .await;
+        match outcome {
+            Ok(result) => result.map_err(|e| error::driver(self.backend, what, e)),
+            Err(_) => {
+                // A connection that stopped answering is not trusted again: the next operation
+                // opens a new one.
+                let mut control = self.control.lock().await;
+                if control.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+                    *control = None;
+                }
+                Err(error::timeout(self.backend, what))
+            }
+        }
     }
 
     /// Like [`Shared::query`], expecting exactly one row.

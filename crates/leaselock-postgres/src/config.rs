@@ -546,6 +546,33 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "tls")]
+    #[test]
+    fn tls_roots() {
+        let c = PgConfig::from_url("postgres://h/db").unwrap();
+        assert!(matches!(
+            c.clone().tls_root_certificates_pem(b"not a certificate"),
+            Err(Error::InvalidInput {
+                field: "tls_root_certificates",
+                ..
+            })
+        ));
+        let err =
+            PgConfig::from_url("postgres://u:pw@h/db?sslrootcert=/nonexistent/ca.pem").unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidInput { field: "url", .. }),
+            "{err}"
+        );
+        assert!(crate::backend::Connector::new(&c).is_ok());
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn sslrootcert_needs_the_tls_feature() {
+        let err = PgConfig::from_url("postgres://h/db?sslrootcert=/ca.pem").unwrap_err();
+        assert!(err.to_string().contains("`tls` feature"), "{err}");
+    }
+
     #[test]
     fn rejects_bad_durations() {
         let c = PgConfig::from_url("postgres://h/db").unwrap();

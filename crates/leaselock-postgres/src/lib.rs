@@ -1,4 +1,4 @@
-//! PostgreSQL backends for [leaselock](leaselock), over `tokio-postgres`.
+//! PostgreSQL backends for [leaselock], over `tokio-postgres`.
 //!
 //! Two backends, chosen by the user:
 //!
@@ -37,7 +37,7 @@
 //! With the `tls` cargo feature (off by default), connections use rustls whenever the URL's
 //! `sslmode` asks for it (`prefer`, the default, uses TLS when the server offers it; `require`
 //! insists). Server certificates are verified against the platform's root certificates plus any
-//! CA given with `sslrootcert=PATH` in the URL or [`PgConfig::tls_root_certificates_pem`]. For a
+//! CA given with `sslrootcert=PATH` in the URL or `PgConfig::tls_root_certificates_pem`. For a
 //! local server with a self-signed certificate, pass `sslmode=disable`.
 #![forbid(unsafe_code)]
 

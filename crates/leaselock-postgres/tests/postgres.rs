@@ -490,8 +490,7 @@ async fn check_storage_tells_missing_from_inaccessible() {
             }
         })
         .unwrap();
-    let config = tokio_postgres::Config::from_str_url(&url);
-    let mut restricted = config.clone();
+    let mut restricted: tokio_postgres::Config = url.parse().expect("a valid URL");
     restricted.user("leaselock_noperm");
     let backend = PgTableBackend::new(PgConfig::new(restricted).table(&ns).unwrap()).unwrap();
     match backend.check_storage().await {
@@ -547,12 +546,48 @@ async fn schema_and_mixed_case_table() {
     assert!(exists);
 }
 
-trait FromStrUrl {
-    fn from_str_url(url: &str) -> Self;
-}
-
-impl FromStrUrl for tokio_postgres::Config {
-    fn from_str_url(url: &str) -> Self {
-        url.parse().expect("a valid URL")
+/// With the `tls` feature, `sslmode=require` really negotiates TLS and verifies the server's
+/// certificate against `sslrootcert`. Uses the Debian server's self-signed "snakeoil"
+/// certificate (issued for `localhost`); skipped loudly where it is absent.
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn tls_connection_verifies_the_server() {
+    let Some(url) = pg_url() else { return };
+    let snakeoil = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    if !std::path::Path::new(snakeoil).exists() {
+        eprintln!("#####  SKIPPED: no {snakeoil} to trust for a TLS test  #####");
+        return;
     }
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let db = config.get_dbname().unwrap_or("postgres").to_owned();
+    let user = config.get_user().unwrap_or("postgres").to_owned();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let tls_url = format!(
+        "postgres://{user}@localhost:{port}/{db}?sslmode=require&sslrootcert={snakeoil}&strategy=table&table={}",
+        fresh("tls")
+    );
+    let backend = leaselock_postgres::from_url(&tls_url).await.unwrap();
+    backend.init_storage().await.expect("init over TLS");
+    let k = key("tls");
+    let lease = acquire(&*backend, &request(&k, &owner("a"))).await;
+    assert!(backend.release(&lease).await.unwrap());
+
+    // The certificate names `localhost`: reaching the same server as 127.0.0.1 must fail the
+    // handshake, so TLS is verified, not just used.
+    let mismatched = format!(
+        "postgres://{user}@127.0.0.1:{port}/{db}?sslmode=require&sslrootcert={snakeoil}&strategy=table&table=x"
+    );
+    let err = leaselock_postgres::from_url(&mismatched)
+        .await
+        .unwrap()
+        .check_storage()
+        .await
+        .unwrap_err();
+    let shown = format!("{err:?}");
+    eprintln!("TLS refusal: {err}");
+    assert!(
+        shown.contains("NotValidForName") || shown.contains("certificate"),
+        "{shown}"
+    );
+    assert!(matches!(err, Error::NotAccessible { .. }), "{err:?}");
 }
