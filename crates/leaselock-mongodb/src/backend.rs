@@ -92,6 +92,9 @@ fn now_plus(ms: i64) -> Document {
 ///   `expires_at`; MongoDB would otherwise create the collection implicitly on the first write,
 ///   so each instance checks once, before its first operation, that the index exists, and fails
 ///   with [`Error::NotInitialized`] until `init_storage` has run.
+/// - **Server**: MongoDB 5.0 or later (pipeline updates, `$$NOW`, `$dateAdd`), a replica set in
+///   production (a standalone server works, without the replication guarantees), or a
+///   compatible server.
 ///
 /// ```no_run
 /// use leaselock::Locker;
@@ -423,7 +426,10 @@ impl LockBackend for MongoBackend {
                     tracing::debug!(collection = %self.namespace(), "MongoDB lock collection ready");
                     return Ok(());
                 }
-                Err(error) if attempt < 10 && !matches!(error, Error::InvalidInput { .. }) => {
+                // Only the server's own refusals can come from a race (an index build in
+                // progress, a write conflict); an unreachable server or refused credentials fail
+                // at once.
+                Err(error @ Error::Backend { .. }) if attempt < 10 => {
                     attempt += 1;
                     tracing::debug!(%error, attempt, "MongoDB storage init raced, retrying");
                     tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
