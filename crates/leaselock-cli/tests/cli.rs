@@ -349,7 +349,7 @@ fn a_killed_holder_leaves_a_lock_that_if_stale_breaks_once_stale() {
     let env = Env::new();
     let holder = env.hold(
         "crashy",
-        &["--ttl", "3s"],
+        &["--ttl", "5s"],
         "echo $$ > child.pid; touch started; exec sleep 120",
     );
     let holder_pid = holder.pid();
@@ -414,7 +414,7 @@ fn a_lost_lease_stops_the_command_with_the_lost_code() {
     // A command that ignores SIGTERM: it gets SIGKILL after the grace period.
     let holder = env.hold(
         "fragile",
-        &["--ttl", "2s", "--kill-grace", "500ms"],
+        &["--ttl", "5s", "--kill-grace", "500ms"],
         "trap '' TERM; touch started; while :; do sleep 0.1; done",
     );
     let done = env.run(&["release", "fragile", "--force"]);
@@ -429,7 +429,7 @@ fn a_lost_lease_stops_the_command_with_the_lost_code() {
     fs::remove_file(env.path("started")).unwrap();
     let holder = env.hold(
         "fragile",
-        &["--ttl", "2s", "--lost-exit-code", "99"],
+        &["--ttl", "5s", "--lost-exit-code", "99"],
         "trap 'echo stopped > stopped; exit 0' TERM; touch started; while :; do sleep 0.05; done",
     );
     assert_eq!(env.run(&["release", "fragile", "--force"]).code, Some(0));
