@@ -64,9 +64,7 @@ fn up(ctx: &Ctx) -> Result<String> {
     start.arg("-d");
     // PgBouncer refuses to run as root: drop to the `postgres` user, which must own its files.
     if output(Command::new("id").arg("-u"))? == "0" {
-        run(Command::new("chown")
-            .args(["-R", "postgres"])
-            .arg(&dir))?;
+        run(Command::new("chown").args(["-R", "postgres"]).arg(&dir))?;
         start.args(["-u", "postgres"]);
     }
     run(start.arg(&ini))?;
