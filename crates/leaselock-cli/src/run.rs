@@ -171,8 +171,9 @@ fn held_message(
         || "another owner".to_owned(),
         |h| LockView::new(h).holder_line(),
     );
+    let waits = !(args.no_wait || args.wait.is_some_and(|w| w.is_zero()));
     match reporter.waited() {
-        Some(waited) if !args.no_wait => {
+        Some(waited) if waits => {
             format!(
                 "`{key}` is still held by {holder}; gave up after {}",
                 human_duration(waited)
