@@ -123,6 +123,9 @@ async fn server_side_kill_fires_the_lost_signal() {
         Err(Error::Lost { .. })
     ));
     assert_eq!(backend.status(&k).await.unwrap(), LockState::Free);
+    // The killed holder's record is stale; cleanup clears it (this table has no other).
+    assert_eq!(backend.release_expired().await.unwrap(), 1);
+    assert_eq!(backend.release_expired().await.unwrap(), 0);
     // Free at once for someone else, with a higher token.
     let next = acquire(&*backend, &k, "next").await;
     assert!(next.token > lease.token);
@@ -493,21 +496,32 @@ async fn from_url_picks_the_strategy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_is_required_when_asked() {
     let Some(url) = url() else { return };
+    let ns = fresh_namespace();
     let sep = if url.contains('?') { '&' } else { '?' };
-    let backend =
-        leaselock_mysql::from_url(&format!("{url}{sep}require_ssl=true&prefer_socket=false"))
-            .await
-            .unwrap();
-    // Either the server speaks TLS (then the check passes over it) or the connection is refused:
-    // never a silent fallback to plain text.
+    let backend = leaselock_mysql::from_url(&format!(
+        "{url}{sep}require_ssl=true&prefer_socket=false&table={ns}"
+    ))
+    .await
+    .unwrap();
     let mut admin = raw_conn(&url).await;
     let have_ssl: Option<(String, String)> = admin
         .query_first("SHOW VARIABLES LIKE 'have_ssl'")
         .await
         .unwrap();
     let server_has_tls = have_ssl.is_some_and(|(_, v)| v == "YES");
-    match backend.check_storage().await {
-        Ok(()) => assert!(server_has_tls),
-        Err(err) => assert!(!server_has_tls, "{err}"),
+    // Either the server speaks TLS (then everything works over it) or the connection is
+    // refused: never a silent fallback to plain text.
+    match backend.init_storage().await {
+        Ok(()) => {
+            assert!(
+                server_has_tls,
+                "connected without TLS although it was required"
+            );
+            let k = key("tls");
+            let lease = acquire(&*backend, &k, "a").await;
+            assert!(backend.release(&lease).await.unwrap());
+            drop_table(&url, &ns).await;
+        }
+        Err(err) => assert!(!server_has_tls, "TLS failed against a TLS server: {err}"),
     }
 }

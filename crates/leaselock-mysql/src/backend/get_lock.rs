@@ -42,7 +42,8 @@ const ER_UNSUPPORTED_PS: u16 = 1295;
 /// [`liveness_interval`](MysqlConfig::liveness_interval) (250 ms by default) fires the guard's lost
 /// signal ([`LockBackend::watch_lost`]). Refresh and verify check, on that connection, that
 /// `CONNECTION_ID()` is still the one recorded at acquisition and that `IS_USED_LOCK(name)` names
-/// it. Nothing expires by time.
+/// it. Nothing expires by time. A returned [`Lease`]'s `acquired_at` is this process's clock at
+/// sending; [`LockBackend::status`] reports the server's.
 ///
 /// Lock names follow [`lock_name`](crate::lock_name()) (`prefix:key`, hashed when needed to stay
 /// within 64 characters). `GET_LOCK` names are global to the server: give applications sharing a
@@ -157,6 +158,7 @@ struct Sql {
     tidy: String,
     list: String,
     stale: String,
+    tidy_stale: String,
 }
 
 impl Sql {
@@ -214,6 +216,11 @@ impl Sql {
             stale: format!(
                 "SELECT lock_key, token, connection_id FROM {table} \
                  WHERE owner IS NOT NULL AND NOT (IS_USED_LOCK(lock_name) <=> connection_id)"
+            ),
+            tidy_stale: format!(
+                "UPDATE {table} SET owner = NULL, connection_id = NULL, acquired_at = NULL \
+                 WHERE lock_key = ? AND token = ? AND connection_id = ? \
+                 AND NOT (IS_USED_LOCK(lock_name) <=> connection_id)"
             ),
         }
     }
@@ -742,12 +749,9 @@ impl LockBackend for MysqlGetLockBackend {
         let mut cleared = 0;
         for (key, token, connection_id) in stale {
             // Each row alone, by primary key and token, re-checking the lock: no range locks.
-            let sql = format!(
-                "{} AND NOT (IS_USED_LOCK(lock_name) <=> connection_id)",
-                self.inner.sql.tidy
-            );
+            let params = (key, token, connection_id.unwrap_or(0));
             cleared += shared
-                .run(&mut conn, &sql, (key, token, connection_id.unwrap_or(0)))
+                .run(&mut conn, &self.inner.sql.tidy_stale, params)
                 .await?;
         }
         Ok(cleared)
