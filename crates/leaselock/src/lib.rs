@@ -16,7 +16,9 @@ pub use config::{OnUnavailable, WaitPolicy};
 pub use error::{BoxError, Error, Result};
 pub use guard::{LockContext, LockGuard, LostSignal};
 pub use hooks::{HookResult, LockHooks, NoHooks, Operation};
-pub use locker::{Locker, LockerBuilder, DEFAULT_LEASE_DURATION, DEFAULT_RELEASE_TIMEOUT};
+pub use locker::{
+    Locker, LockerBuilder, RunIfNeeded, DEFAULT_LEASE_DURATION, DEFAULT_RELEASE_TIMEOUT,
+};
 pub use memory::MemoryBackend;
 pub use types::{
     validate_lease_duration, AcquireOutcome, AcquireRequest, Capabilities, ExpiryClock,

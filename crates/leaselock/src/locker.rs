@@ -22,6 +22,49 @@ pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(60);
 /// The default time a release keeps retrying transient errors: 10 seconds.
 pub const DEFAULT_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What [`Locker::run_if_needed`] did.
+///
+/// Only [`RunIfNeeded::Ran`] and [`RunIfNeeded::NotNeededOnceLocked`] took the lock; a caller
+/// that found nothing to do ([`RunIfNeeded::NotNeeded`]) never touched it.
+///
+/// ```
+/// use leaselock::RunIfNeeded;
+/// let ran: RunIfNeeded<u32> = RunIfNeeded::Ran(3);
+/// assert!(ran.took_lock());
+/// assert_eq!(ran.ran(), Some(3));
+/// assert!(!RunIfNeeded::<u32>::NotNeeded.took_lock());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[must_use = "tells whether the work ran"]
+pub enum RunIfNeeded<T> {
+    /// The check found work, found it again under the lock, and the work ran with this output.
+    Ran(T),
+    /// The check, made without the lock, found nothing to do: the lock was not acquired.
+    NotNeeded,
+    /// The check found work, but once the lock was held it found none any more: another
+    /// instance did the work meanwhile. The lock was released without running the work.
+    NotNeededOnceLocked,
+    /// The check found work, but the lock stayed held by someone else after waiting as
+    /// configured; returned only with [`OnUnavailable::ReturnNone`] (the default,
+    /// [`OnUnavailable::Error`], fails with [`Error::Held`]). The work did not run.
+    Unavailable,
+}
+
+impl<T> RunIfNeeded<T> {
+    /// The work's output, if it ran.
+    pub fn ran(self) -> Option<T> {
+        match self {
+            RunIfNeeded::Ran(value) => Some(value),
+            _ => None,
+        }
+    }
+
+    /// Whether the lock was acquired (the work ran, or the check under the lock found nothing).
+    pub fn took_lock(&self) -> bool {
+        matches!(self, RunIfNeeded::Ran(_) | RunIfNeeded::NotNeededOnceLocked)
+    }
+}
+
 /// Builds a [`Locker`]. Every setting has a documented default; [`LockerBuilder::build`] checks
 /// them all and names the field at fault.
 ///
@@ -545,6 +588,106 @@ impl Locker {
         }
     }
 
+    /// Runs `work` under the lock on `key` only if `check` says there is work to do, taking the
+    /// lock only when there may be (the run-if-needed pattern of migration runners: when nothing
+    /// is pending, the lock is not acquired).
+    ///
+    /// 1. `check` runs without the lock. `Ok(false)`: returns [`RunIfNeeded::NotNeeded`] at once,
+    ///    without acquiring.
+    /// 2. Otherwise acquires `key`, waiting as configured (when the lock stays held:
+    ///    [`Error::Held`], or [`RunIfNeeded::Unavailable`] with [`OnUnavailable::ReturnNone`]).
+    /// 3. `check` runs again under the lock, since another instance may have done the work while
+    ///    this one waited. `Ok(false)`: releases and returns [`RunIfNeeded::NotNeededOnceLocked`].
+    /// 4. `work` runs with the [`LockContext`] (fencing token, lost signal, `ensure_held`), and
+    ///    the lock is released: [`RunIfNeeded::Ran`] with its output.
+    ///
+    /// `check` and `work` fail with the caller's own error type `E`; leaselock's errors reach the
+    /// caller converted with `E: From<`[`Error`]`>` (true of `anyhow::Error`, [`crate::BoxError`]
+    /// and any error enum with a `#[from] leaselock::Error` variant). As with [`Locker::run`], the
+    /// lock is always released, also when the check or the work fails or panics, and a lease lost
+    /// while the work ran makes the call fail with [`Error::Lost`] (the work's result is then
+    /// discarded, with a warning in the log if it was an error). A disabled locker checks and
+    /// runs without a lock.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use leaselock::{Locker, MemoryBackend, RunIfNeeded};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> leaselock::Result<()> {
+    /// let locker = Locker::builder(MemoryBackend::new()).build()?;
+    /// let applied = &AtomicU32::new(0); // stands for the database's migration table
+    /// let pending = move || async move { Ok::<_, leaselock::Error>(applied.load(Ordering::SeqCst) < 3) };
+    ///
+    /// let first = locker
+    ///     .run_if_needed("schema-migrations", pending, |lock| async move {
+    ///         lock.ensure_held().await?;
+    ///         applied.store(3, Ordering::SeqCst); // apply them, passing lock.token() along
+    ///         Ok(lock.token())
+    ///     })
+    ///     .await?;
+    /// assert!(matches!(first, RunIfNeeded::Ran(_)));
+    ///
+    /// // Nothing pending any more: returns at once, without taking the lock.
+    /// let second = locker
+    ///     .run_if_needed("schema-migrations", pending, |_| async { Ok(0) })
+    ///     .await?;
+    /// assert_eq!(second, RunIfNeeded::NotNeeded);
+    /// assert!(!second.took_lock());
+    /// # Ok(()) }
+    /// ```
+    pub async fn run_if_needed<C, CFut, F, Fut, T, E>(
+        &self,
+        key: impl AsRef<str>,
+        mut check: C,
+        work: F,
+    ) -> Result<RunIfNeeded<T>, E>
+    where
+        C: FnMut() -> CFut,
+        CFut: Future<Output = Result<bool, E>>,
+        F: FnOnce(LockContext) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: From<Error>,
+    {
+        let key = LockKey::new(key.as_ref())?;
+        if !check().await? {
+            tracing::debug!(%key, "nothing to do; the lock was not taken");
+            return Ok(RunIfNeeded::NotNeeded);
+        }
+        let Some(guard) = self.acquire(key.as_str()).await? else {
+            return Ok(RunIfNeeded::Unavailable);
+        };
+        let ctx = guard.context();
+        let outcome = catch_panic(async {
+            if !check().await? {
+                return Ok(None);
+            }
+            work(ctx.clone()).await.map(Some)
+        })
+        .await;
+        let lost = ctx.lost().reason();
+        let released = guard.release().await;
+        let outcome = match outcome {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(outcome) => outcome,
+        };
+        if let Err(error) = &released {
+            tracing::warn!(%key, %error, "the lock could not be released; it will expire");
+        }
+        match outcome {
+            Ok(None) => {
+                tracing::debug!(%key, "nothing to do once the lock was held; released");
+                Ok(RunIfNeeded::NotNeededOnceLocked)
+            }
+            outcome if lost.is_some() => {
+                if outcome.is_err() {
+                    tracing::warn!(%key, "the work failed after its lease was lost; reporting the loss");
+                }
+                Err(Error::lost(&key, lost.unwrap_or_default()).into())
+            }
+            Ok(Some(value)) => Ok(RunIfNeeded::Ran(value)),
+            Err(error) => Err(error),
+        }
+    }
+
     /// The state of `key`.
     pub async fn status(&self, key: impl AsRef<str>) -> Result<LockState> {
         let key = LockKey::new(key.as_ref())?;
@@ -717,5 +860,309 @@ mod tests {
             store.list().await.unwrap().is_empty(),
             "nothing was written"
         );
+    }
+
+    /// Counts acquisition attempts, to tell whether a call took the lock.
+    #[derive(Default)]
+    struct CountAcquires(AtomicU32);
+
+    #[async_trait::async_trait]
+    impl LockHooks for CountAcquires {
+        async fn before_acquire(&self, _key: &LockKey, _owner: &OwnerId) -> crate::HookResult {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn counted(store: &MemoryBackend) -> (Locker, Arc<CountAcquires>) {
+        let hooks = Arc::new(CountAcquires::default());
+        let locker = Locker::builder(store.clone())
+            .shared_hooks(hooks.clone())
+            .build()
+            .unwrap();
+        (locker, hooks)
+    }
+
+    /// The next token handed out for `key`: 1 + the number of acquisitions so far.
+    async fn next_token(store: &MemoryBackend, key: &str) -> u64 {
+        let req = AcquireRequest::new(
+            LockKey::new(key).unwrap(),
+            OwnerId::new("probe").unwrap(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let AcquireOutcome::Acquired(lease) = store.try_acquire(&req).await.unwrap() else {
+            panic!("{key} should be free");
+        };
+        assert!(store.release(&lease).await.unwrap());
+        lease.token.get()
+    }
+
+    #[derive(Debug)]
+    enum AppError {
+        Lock(Error),
+        Check(&'static str),
+    }
+
+    impl From<Error> for AppError {
+        fn from(error: Error) -> Self {
+            AppError::Lock(error)
+        }
+    }
+
+    #[tokio::test]
+    async fn run_if_needed_without_work_does_not_lock() {
+        let store = MemoryBackend::new();
+        let (locker, hooks) = counted(&store);
+        let out = locker
+            .run_if_needed(
+                "k",
+                || async { Ok::<_, Error>(false) },
+                |_| async { panic!("must not run") },
+            )
+            .await
+            .unwrap();
+        let out: RunIfNeeded<()> = out;
+        assert_eq!(out, RunIfNeeded::NotNeeded);
+        assert!(!out.took_lock());
+        assert_eq!(hooks.0.load(Ordering::SeqCst), 0, "no acquisition attempt");
+        assert_eq!(
+            next_token(&store, "k").await,
+            1,
+            "nothing was ever acquired"
+        );
+    }
+
+    #[tokio::test]
+    async fn run_if_needed_runs_pending_work_under_the_lock() {
+        let store = MemoryBackend::new();
+        let (locker, hooks) = counted(&store);
+        let checks = &AtomicU32::new(0);
+        let out = locker
+            .run_if_needed(
+                "k",
+                move || async move {
+                    checks.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(true)
+                },
+                |lock| async move {
+                    lock.ensure_held().await?;
+                    Ok(lock.token().get())
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(out, RunIfNeeded::Ran(1));
+        assert_eq!(
+            checks.load(Ordering::SeqCst),
+            2,
+            "once before, once under the lock"
+        );
+        assert_eq!(hooks.0.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            store.status(&LockKey::new("k").unwrap()).await.unwrap(),
+            LockState::Free,
+            "released"
+        );
+    }
+
+    #[tokio::test]
+    async fn run_if_needed_rechecks_under_the_lock() {
+        let store = MemoryBackend::new();
+        let (locker, hooks) = counted(&store);
+        // Pending at first; done by "someone else" by the time the lock is held.
+        let checks = &AtomicU32::new(0);
+        let out: RunIfNeeded<()> = locker
+            .run_if_needed(
+                "k",
+                move || async move { Ok::<_, Error>(checks.fetch_add(1, Ordering::SeqCst) == 0) },
+                |_| async { panic!("must not run") },
+            )
+            .await
+            .unwrap();
+        assert_eq!(out, RunIfNeeded::NotNeededOnceLocked);
+        assert!(out.took_lock());
+        assert_eq!(hooks.0.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            next_token(&store, "k").await,
+            2,
+            "acquired once, then released"
+        );
+    }
+
+    #[tokio::test]
+    async fn run_if_needed_reports_check_and_work_errors_with_the_callers_type() {
+        let store = MemoryBackend::new();
+        let (locker, hooks) = counted(&store);
+        let err = locker
+            .run_if_needed(
+                "k",
+                || async { Err::<bool, _>(AppError::Check("no database")) },
+                |_| async { Ok::<(), AppError>(()) },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AppError::Check("no database")), "{err:?}");
+        assert_eq!(hooks.0.load(Ordering::SeqCst), 0, "no lock taken");
+
+        // Failing under the lock: released all the same.
+        let checks = &AtomicU32::new(0);
+        let err = locker
+            .run_if_needed(
+                "k",
+                move || async move {
+                    match checks.fetch_add(1, Ordering::SeqCst) {
+                        0 => Ok(true),
+                        _ => Err(AppError::Check("second check")),
+                    }
+                },
+                |_| async { Ok::<(), AppError>(()) },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AppError::Check("second check")), "{err:?}");
+        let err = locker
+            .run_if_needed(
+                "k",
+                || async { Ok(true) },
+                |_| async { Err::<(), _>(AppError::Check("work")) },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AppError::Check("work")), "{err:?}");
+        assert_eq!(
+            next_token(&store, "k").await,
+            3,
+            "two acquisitions, both released"
+        );
+
+        // leaselock's own errors arrive converted.
+        let err = locker
+            .run_if_needed(
+                "",
+                || async { Ok(true) },
+                |_| async { Ok::<(), AppError>(()) },
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AppError::Lock(Error::InvalidInput { field: "key", .. })
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn run_if_needed_when_the_lock_stays_held() {
+        let store = MemoryBackend::new();
+        let holder = Locker::builder(store.clone()).build().unwrap();
+        let guard = holder.acquire("k").await.unwrap().unwrap();
+        let strict = Locker::builder(store.clone()).build().unwrap();
+        let err = strict
+            .run_if_needed(
+                "k",
+                || async { Ok(true) },
+                |_| async { Ok::<(), Error>(()) },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Held { .. }), "{err}");
+        let lenient = Locker::builder(store.clone())
+            .on_unavailable(OnUnavailable::ReturnNone)
+            .build()
+            .unwrap();
+        let out = lenient
+            .run_if_needed(
+                "k",
+                || async { Ok(true) },
+                |_| async { Ok::<(), Error>(()) },
+            )
+            .await
+            .unwrap();
+        assert_eq!(out, RunIfNeeded::Unavailable);
+        assert!(!out.took_lock());
+        assert!(guard.release().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn run_if_needed_releases_on_panic_and_reports_a_lost_lease() {
+        let store = MemoryBackend::new();
+        let locker = Locker::builder(store.clone()).build().unwrap();
+        let panicked = tokio::spawn({
+            let locker = locker.clone();
+            async move {
+                locker
+                    .run_if_needed(
+                        "k",
+                        || async { Ok(true) },
+                        |_| async { panic!("work panicked") },
+                    )
+                    .await
+                    .map(|_: RunIfNeeded<()>| ())
+                    .map_err(|e: Error| e.to_string())
+            }
+        })
+        .await;
+        assert!(panicked.unwrap_err().is_panic());
+        assert_eq!(next_token(&store, "k").await, 2, "released after the panic");
+
+        let breaker = store.clone();
+        let err = locker
+            .run_if_needed(
+                "k",
+                || async { Ok(true) },
+                |lock| async move {
+                    breaker.force_release(lock.key()).await?;
+                    let _ = lock.ensure_held().await;
+                    Ok::<_, Error>(())
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Lost { .. }), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn run_if_needed_runs_once_among_many() {
+        let store = MemoryBackend::new();
+        let applied = Arc::new(AtomicU32::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let locker = Locker::builder(store.clone())
+                .wait(WaitPolicy::until(
+                    Duration::from_secs(30),
+                    Duration::from_millis(5),
+                ))
+                .build()
+                .unwrap();
+            let applied = Arc::clone(&applied);
+            tasks.push(tokio::spawn(async move {
+                let check = {
+                    let applied = Arc::clone(&applied);
+                    move || {
+                        let applied = Arc::clone(&applied);
+                        async move { Ok::<_, Error>(applied.load(Ordering::SeqCst) == 0) }
+                    }
+                };
+                locker
+                    .run_if_needed("k", check, |_| async move {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        applied.fetch_add(1, Ordering::SeqCst);
+                        Ok(())
+                    })
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut ran = 0;
+        for task in tasks {
+            if let RunIfNeeded::Ran(()) = task.await.unwrap() {
+                ran += 1;
+            }
+        }
+        assert_eq!(ran, 1);
+        assert_eq!(applied.load(Ordering::SeqCst), 1);
     }
 }
