@@ -376,7 +376,11 @@ pub async fn release_expired_clears_only_expired(t: Arc<dyn Target>) {
     let live_lease = must_acquire(&*b, &request(&live, &owner("a"), LONG_TTL)).await;
     if reads_expiry(&caps) {
         tokio::time::sleep(SHORT_TTL * 2).await;
-        assert_eq!(b.release_expired().await.unwrap(), 1, "exactly the one expired lease");
+        assert_eq!(
+            b.release_expired().await.unwrap(),
+            1,
+            "exactly the one expired lease"
+        );
         assert_eq!(b.status(&dead).await.unwrap(), LockState::Free);
     } else {
         b.release_expired().await.unwrap();
