@@ -33,7 +33,12 @@
 //! ```
 //!
 //! Every case uses fresh random keys (and namespaces), so the cases run in parallel against one
-//! server. A setup function for a real server should use [`server_url`], which skips loudly when
+//! server.
+//!
+//! Fault cases (killed, paused and partitioned holders, server restarts, skewed clocks, a soak
+//! across processes) live in [`faults`], with their own trait [`faults::FaultTarget`] and macro
+//! [`fault_tests!`]; [`proxy`] is the TCP proxy that makes partitions and [`servers`] starts
+//! separate database servers a test may restart. A setup function for a real server should use [`server_url`], which skips loudly when
 //! the server's variable is unset, and fails under `CI=true`, where every backend is required.
 
 use std::future::Future;
@@ -44,6 +49,9 @@ use std::time::Duration;
 use leaselock::{Lease, LockBackend, Result};
 
 pub mod cases;
+pub mod faults;
+pub mod proxy;
+pub mod servers;
 mod support;
 
 pub use support::{fresh_key, fresh_namespace};
