@@ -6,6 +6,8 @@
 //!   denied.
 //! - `cargo xtask ci`: lint, then test.
 //! - `cargo xtask services up|env|down`: manage the servers without running tests.
+//! - `cargo xtask bench [BACKEND…] [OPTIONS]`: starts the servers like `test`, then runs the
+//!   benchmark harness (`bench/`) in release mode (`--write-docs` rewrites BENCHMARKS.md).
 //!
 //! Servers are native processes (no container engine needed); their scratch files live in
 //! `.services/` at the workspace root. A URL variable already set in the environment is used as
@@ -26,9 +28,10 @@ fn main() -> ExitCode {
         Some("lint") => lint(),
         Some("ci") => lint().and_then(|()| test(&args[1..])),
         Some("services") => services_cmd(args.get(1).map(String::as_str)),
+        Some("bench") => bench(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test [CARGO TEST ARGS…] | lint | ci | services up|env|down>"
+                "usage: cargo xtask <test [CARGO TEST ARGS…] | lint | ci | services up|env|down | bench [ARGS…]>"
             );
             return ExitCode::from(2);
         }
@@ -92,6 +95,22 @@ fn test(extra: &[String]) -> Result<()> {
     cmd.current_dir(root())
         .args(["test", "--workspace"])
         .args(extra);
+    for (key, value) in &env {
+        cmd.env(key, value);
+    }
+    util::run(&mut cmd)
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let env = services_up()?;
+    let mut cmd = cargo();
+    cmd.current_dir(root())
+        .args(["run", "--release", "-p", "leaselock-bench", "--"])
+        .args(args)
+        .env(
+            "LEASELOCK_BENCH_COMMAND",
+            format!("cargo xtask bench {}", args.join(" ")).trim_end(),
+        );
     for (key, value) in &env {
         cmd.env(key, value);
     }

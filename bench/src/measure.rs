@@ -1,0 +1,820 @@
+//! The five measures.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use leaselock::{
+    async_trait, AcquireOutcome, AcquireRequest, Capabilities, HookResult, Lease, LockBackend,
+    LockGuard, LockHooks, LockInfo, LockKey, LockKind, LockState, Locker, OnUnavailable,
+    WaitPolicy, Wakeup,
+};
+use tokio::sync::mpsc;
+
+use crate::floor::{self, Floor};
+use crate::machine::{self, Machine};
+use crate::proxy::{Proxy, Snapshot};
+use crate::report::{
+    evaluate, BackendReport, Contention, CycleLatency, Handoff, OpCount, Outcome, Report,
+    RoundTrips, Scale, Settings, Throughput, Uncontended, SCHEMA,
+};
+use crate::stats::{median_and_mean, Latency};
+use crate::target::{BackendId, Target};
+use crate::{Config, Measure, Result};
+
+/// How long the connection must stay quiet around each counted operation, so that what a call
+/// leaves running (a pool's reset, a wake-up) is counted with it and not with the next.
+const SETTLE: Duration = Duration::from_millis(25);
+/// No single measure may take longer than this on one backend.
+const MEASURE_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+pub(crate) async fn run_all(config: &Config, command: &str) -> Report {
+    let started = SystemTime::now();
+    let load_start = machine::loadavg();
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let scratch = match &config.scratch {
+        Some(dir) => std::fs::create_dir_all(dir).and_then(|()| {
+            tempfile::Builder::new()
+                .prefix("leaselock-bench-")
+                .tempdir_in(dir)
+        }),
+        None => tempfile::Builder::new()
+            .prefix("leaselock-bench-")
+            .tempdir(),
+    }
+    .expect("a scratch directory for the SQLite file");
+    let mut backends = Vec::new();
+    for &id in &config.backends {
+        backends.push(run_backend(config, id, scratch.path(), &run).await);
+    }
+    Report {
+        schema: SCHEMA,
+        started_at: machine::utc(started),
+        finished_at: machine::utc(SystemTime::now()),
+        command: command.to_owned(),
+        machine: Machine::now(load_start),
+        settings: Settings {
+            measures: config
+                .measures
+                .iter()
+                .filter_map(clap::ValueEnum::to_possible_value)
+                .map(|v| v.get_name().to_owned())
+                .collect(),
+            cycles: config.cycles,
+            round_trip_cycles: config.round_trip_cycles,
+            handoffs: config.handoffs,
+            poll_interval_ms: config.poll_interval.as_secs_f64() * 1e3,
+            workers: config.workers,
+            keys: config.keys,
+            contention_duration_s: config.contention_duration.as_secs_f64(),
+            scale_leases: config.scale_leases,
+            scale_lease_s: config.scale_lease.as_secs_f64(),
+            scale_refresh_interval_s: config.scale_lease.as_secs_f64() / 3.0,
+            scale_duration_s: config.scale_duration.as_secs_f64(),
+        },
+        backends,
+    }
+}
+
+fn say(id: BackendId, what: impl fmt::Display) {
+    eprintln!("[{}] {what}", id.name());
+}
+
+async fn run_backend(
+    config: &Config,
+    id: BackendId,
+    scratch: &std::path::Path,
+    run: &str,
+) -> BackendReport {
+    let mut report = BackendReport::new(id);
+    let url = match id.url_var() {
+        None => None,
+        Some(var) => match std::env::var(var) {
+            Ok(url) if !url.trim().is_empty() => Some(url),
+            _ => {
+                eprintln!(
+                    "\n#####  SKIPPED {}: {var} is not set, so it was not measured. Run \
+                     `cargo xtask bench`, which starts the servers, or set {var}.  #####\n",
+                    id.name()
+                );
+                report.status = "skipped";
+                report.reason = Some(format!("{var} is not set"));
+                return report;
+            }
+        },
+    };
+    let target = Target::new(id, url, scratch);
+    say(id, "starting");
+    let prepared = async {
+        let server = target.server().await?;
+        target.backend(None).await?.init_storage().await?;
+        Ok::<_, crate::Error>(server)
+    };
+    match prepared.await {
+        Ok(server) => {
+            say(id, &server);
+            report.server = Some(server);
+        }
+        Err(error) => {
+            eprintln!("\n#####  FAILED {}: {error}  #####\n", id.name());
+            report.status = "failed";
+            report.reason = Some(error.to_string());
+            return report;
+        }
+    }
+    if config.runs(Measure::Uncontended) {
+        report.uncontended = measured(id, "uncontended", uncontended(config, &target, run)).await;
+        if let Some(u) = report.uncontended.ran() {
+            say(
+                id,
+                format!(
+                    "uncontended: p50 {:.1} µs, floor {:.1} µs, ratio {:.2}",
+                    u.leaselock.cycle.p50_us, u.floor.cycle.p50_us, u.ratio_p50
+                ),
+            );
+        }
+    }
+    if config.runs(Measure::RoundTrips) {
+        report.round_trips = measured(id, "round trips", round_trips(config, &target, run)).await;
+        if let Some(rt) = report.round_trips.ran() {
+            say(
+                id,
+                format!(
+                    "round trips: acquire {:.2}, release {:.2} ({})",
+                    rt.acquire.mean, rt.release.mean, rt.unit
+                ),
+            );
+        }
+    }
+    if config.runs(Measure::Handoff) {
+        report.handoff = measured(id, "handoff", handoff(config, &target, run)).await;
+        if let Some(h) = report.handoff.ran() {
+            say(
+                id,
+                format!(
+                    "handoff: p50 {:.1} µs, p99 {:.1} µs",
+                    h.latency.p50_us, h.latency.p99_us
+                ),
+            );
+        }
+    }
+    if config.runs(Measure::Contention) {
+        report.contention = measured(id, "contention", contention(config, &target, run)).await;
+    }
+    if config.runs(Measure::Scale) {
+        report.scale = if id.kind() == LockKind::Session {
+            Outcome::Skipped {
+                reason: format!(
+                    "a session lock holds one server connection per lease: {} leases would need \
+                     {} connections",
+                    config.scale_leases, config.scale_leases
+                ),
+            }
+        } else {
+            measured(id, "scale", scale(config, &target, run)).await
+        };
+        if let Some(s) = report.scale.ran() {
+            say(
+                id,
+                format!(
+                    "scale: {:.2}% of one core, RSS {:.0} MiB, {} lost",
+                    s.cpu_share_of_one_core * 100.0,
+                    s.rss_window_max_mib,
+                    s.lost
+                ),
+            );
+        }
+    }
+    report.targets = evaluate(&report);
+    report
+}
+
+async fn measured<T>(
+    id: BackendId,
+    name: &str,
+    measure: impl Future<Output = Result<T>>,
+) -> Outcome<T> {
+    say(id, format!("{name}…"));
+    match tokio::time::timeout(MEASURE_LIMIT, measure).await {
+        Ok(Ok(result)) => Outcome::Ran { result },
+        Ok(Err(error)) => {
+            eprintln!("\n#####  {} {name} FAILED: {error}  #####\n", id.name());
+            Outcome::Failed {
+                error: error.to_string(),
+            }
+        }
+        Err(_) => Outcome::Failed {
+            error: format!("did not finish within {MEASURE_LIMIT:?}"),
+        },
+    }
+}
+
+/// Acquire and release times of one cycle.
+struct Timed {
+    acquire: Duration,
+    release: Duration,
+}
+
+async fn lease_cycle(locker: &Locker, key: &str) -> Result<Timed> {
+    let t0 = Instant::now();
+    let guard = locker
+        .acquire(key)
+        .await?
+        .ok_or("acquire returned no guard")?;
+    let t1 = Instant::now();
+    let released = guard.release().await?;
+    let t2 = Instant::now();
+    if !released {
+        return Err("release found the lease already gone".into());
+    }
+    Ok(Timed {
+        acquire: t1 - t0,
+        release: t2 - t1,
+    })
+}
+
+async fn floor_cycle(floor: &mut dyn Floor, key: &str) -> Result<Timed> {
+    let t0 = Instant::now();
+    if !floor.lock(key).await? {
+        return Err(format!("the floor found its own key `{key}` held").into());
+    }
+    let t1 = Instant::now();
+    floor.unlock(key).await?;
+    let t2 = Instant::now();
+    Ok(Timed {
+        acquire: t1 - t0,
+        release: t2 - t1,
+    })
+}
+
+fn cycle_latency(samples: &[Timed]) -> CycleLatency {
+    let all: Vec<Duration> = samples.iter().map(|t| t.acquire + t.release).collect();
+    let acquire: Vec<Duration> = samples.iter().map(|t| t.acquire).collect();
+    let release: Vec<Duration> = samples.iter().map(|t| t.release).collect();
+    CycleLatency {
+        cycle: Latency::of(&all),
+        acquire: Latency::of(&acquire),
+        release: Latency::of(&release),
+    }
+}
+
+/// Measure 1: the same key acquired and released `cycles` times through a fail-fast locker with
+/// default settings, and by hand on one raw connection, in alternating blocks of 50 so that the
+/// machine's load falls on both alike.
+async fn uncontended(config: &Config, target: &Target, run: &str) -> Result<Uncontended> {
+    let locker = Locker::builder(target.backend(None).await?).build()?;
+    let mut floor = floor::connect(target, None).await?;
+    let key = format!("bench-{run}-uncontended");
+    let floor_key = format!("bench-{run}-uncontended-floor");
+    for _ in 0..(config.cycles / 10).clamp(2, 50) {
+        lease_cycle(&locker, &key).await?;
+        floor_cycle(&mut *floor, &floor_key).await?;
+    }
+    let mut leaselock = Vec::with_capacity(config.cycles);
+    let mut by_hand = Vec::with_capacity(config.cycles);
+    let mut left = config.cycles;
+    while left > 0 {
+        let n = left.min(50);
+        for _ in 0..n {
+            leaselock.push(lease_cycle(&locker, &key).await?);
+        }
+        for _ in 0..n {
+            by_hand.push(floor_cycle(&mut *floor, &floor_key).await?);
+        }
+        left -= n;
+    }
+    let leaselock = cycle_latency(&leaselock);
+    let floor = cycle_latency(&by_hand);
+    Ok(Uncontended {
+        cycles: config.cycles,
+        ratio_p50: leaselock.cycle.p50_us / floor.cycle.p50_us,
+        ratio_p99: leaselock.cycle.p99_us / floor.cycle.p99_us,
+        leaselock,
+        floor,
+    })
+}
+
+#[derive(Default)]
+struct OpCounter {
+    in_call: Vec<u64>,
+    after: Vec<u64>,
+    connections: Vec<u64>,
+}
+
+impl OpCounter {
+    fn add(&mut self, during: Snapshot, after: Snapshot) {
+        self.in_call.push(during.round_trips);
+        self.after.push(after.round_trips);
+        self.connections
+            .push(during.connections + after.connections);
+    }
+
+    fn summary(&self) -> OpCount {
+        let totals: Vec<u64> = self
+            .in_call
+            .iter()
+            .zip(&self.after)
+            .map(|(a, b)| a + b)
+            .collect();
+        let (median, mean) = median_and_mean(&totals);
+        OpCount {
+            median,
+            mean,
+            in_call_mean: median_and_mean(&self.in_call).1,
+            after_call_mean: median_and_mean(&self.after).1,
+            connections_mean: median_and_mean(&self.connections).1,
+        }
+    }
+}
+
+/// Measure 2: the backend and the floor talk to the server through a counting proxy; each
+/// operation runs between quiet periods, and everything sent from its start until the quiet
+/// period after it counts as its own.
+async fn round_trips(config: &Config, target: &Target, run: &str) -> Result<RoundTrips> {
+    let fixed = |unit, method: &str, acquire: f64, release: f64| {
+        let count = |n: f64| OpCount {
+            median: n,
+            mean: n,
+            in_call_mean: n,
+            ..OpCount::default()
+        };
+        RoundTrips {
+            unit,
+            method: method.to_owned(),
+            samples: 0,
+            acquire: count(acquire),
+            release: count(release),
+            floor_lock: count(acquire),
+            floor_unlock: count(release),
+        }
+    };
+    match target.id {
+        BackendId::Memory => {
+            return Ok(fixed(
+                "none",
+                "in-process: no I/O (a mutex-guarded map and a watch channel)",
+                0.0,
+                0.0,
+            ))
+        }
+        BackendId::Sqlite => {
+            return Ok(fixed(
+                "statements",
+                "read off the backend's code, not counted at run time (no network): acquire is \
+                 one INSERT … ON CONFLICT DO UPDATE … RETURNING (plus a SELECT of the holder \
+                 when held), release one UPDATE, each inside BEGIN IMMEDIATE … COMMIT on the \
+                 blocking thread pool",
+                1.0,
+                1.0,
+            ))
+        }
+        _ => {}
+    }
+    let proxy = Proxy::start(target.upstream().await?).await?;
+    let locker = Locker::builder(target.backend(Some(proxy.addr())).await?).build()?;
+    let mut floor = floor::connect(target, Some(proxy.addr())).await?;
+    let key = format!("bench-{run}-round-trips");
+    let floor_key = format!("bench-{run}-round-trips-floor");
+    for _ in 0..3 {
+        lease_cycle(&locker, &key).await?;
+        floor_cycle(&mut *floor, &floor_key).await?;
+    }
+    let (mut acquire, mut release) = (OpCounter::default(), OpCounter::default());
+    let (mut lock, mut unlock) = (OpCounter::default(), OpCounter::default());
+    for _ in 0..config.round_trip_cycles {
+        tokio::time::sleep(SETTLE).await;
+        let s0 = proxy.snapshot();
+        let guard = locker
+            .acquire(&key)
+            .await?
+            .ok_or("acquire returned no guard")?;
+        let s1 = proxy.snapshot();
+        tokio::time::sleep(SETTLE).await;
+        let s2 = proxy.snapshot();
+        if !guard.release().await? {
+            return Err("release found the lease already gone".into());
+        }
+        let s3 = proxy.snapshot();
+        tokio::time::sleep(SETTLE).await;
+        let s4 = proxy.snapshot();
+        acquire.add(s1 - s0, s2 - s1);
+        release.add(s3 - s2, s4 - s3);
+
+        let s0 = proxy.snapshot();
+        if !floor.lock(&floor_key).await? {
+            return Err("the floor found its own key held".into());
+        }
+        let s1 = proxy.snapshot();
+        tokio::time::sleep(SETTLE).await;
+        let s2 = proxy.snapshot();
+        floor.unlock(&floor_key).await?;
+        let s3 = proxy.snapshot();
+        tokio::time::sleep(SETTLE).await;
+        let s4 = proxy.snapshot();
+        lock.add(s1 - s0, s2 - s1);
+        unlock.add(s3 - s2, s4 - s3);
+    }
+    Ok(RoundTrips {
+        unit: "round trips",
+        method: "counted by a TCP proxy between the client and the server: a burst of \
+                 client→server bytes after a server reply (or on a new connection) is one round \
+                 trip; each operation counts what was sent from its start until the connection \
+                 had been quiet for 25 ms after it"
+            .into(),
+        samples: config.round_trip_cycles,
+        acquire: acquire.summary(),
+        release: release.summary(),
+        floor_lock: lock.summary(),
+        floor_unlock: unlock.summary(),
+    })
+}
+
+/// Tells the harness when a waiter has failed an attempt and starts waiting.
+struct RetrySignal(mpsc::UnboundedSender<()>);
+
+#[async_trait]
+impl LockHooks for RetrySignal {
+    async fn retry(&self, _key: &LockKey, _attempt: u32, _holder: Option<&LockInfo>) -> HookResult {
+        let _ = self.0.send(());
+        Ok(())
+    }
+}
+
+/// Measure 3: a holder (one backend instance) releases while a waiter (another instance, as
+/// another process would) waits through the orchestrator with `WaitPolicy::until(30 s, poll)`.
+/// The release comes at a random moment of the waiter's poll interval; the time runs from the
+/// release call to the waiter's acquire returning.
+async fn handoff(config: &Config, target: &Target, run: &str) -> Result<Handoff> {
+    let holder = Locker::builder(target.backend(None).await?).build()?;
+    let (tx, mut waiting) = mpsc::unbounded_channel();
+    let waiter = Locker::builder(target.backend(None).await?)
+        .wait(WaitPolicy::until(
+            Duration::from_secs(30),
+            config.poll_interval,
+        ))
+        .hooks(RetrySignal(tx))
+        .build()?;
+    let key = format!("bench-{run}-handoff");
+    let warm = 2;
+    let mut samples = Vec::with_capacity(config.handoffs);
+    for i in 0..(warm + config.handoffs) {
+        let guard = holder
+            .acquire(&key)
+            .await?
+            .ok_or("the holder could not acquire")?;
+        while waiting.try_recv().is_ok() {}
+        let task = {
+            let (waiter, key) = (waiter.clone(), key.clone());
+            tokio::spawn(async move {
+                let outcome = waiter.acquire(&key).await;
+                (outcome, Instant::now())
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(30), waiting.recv())
+            .await
+            .map_err(|_| "the waiter never started waiting")?
+            .ok_or("the waiter's hook is gone")?;
+        let pause = config.poll_interval.mul_f64(fastrand::f64()) + Duration::from_millis(1);
+        tokio::time::sleep(pause).await;
+        let released_at = Instant::now();
+        if !guard.release().await? {
+            return Err("the holder's release found the lease gone".into());
+        }
+        let (outcome, holding_at) = task.await?;
+        let guard = outcome?.ok_or("the waiter gave up")?;
+        if i >= warm {
+            samples.push(holding_at.saturating_duration_since(released_at));
+        }
+        guard.release().await?;
+    }
+    Ok(Handoff {
+        poll_interval_ms: config.poll_interval.as_secs_f64() * 1e3,
+        release_notifications: holder.capabilities().release_notifications,
+        latency: Latency::of(&samples),
+    })
+}
+
+/// Counts of one side of a contended run.
+#[derive(Default)]
+struct Tally {
+    attempts: AtomicU64,
+    acquired: AtomicU64,
+    refused: AtomicU64,
+    errors: AtomicU64,
+    statements: AtomicU64,
+    samples: Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn error(&self, error: impl fmt::Display) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let text = error.to_string();
+        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        if samples.len() < 5 && !samples.contains(&text) {
+            samples.push(text);
+        }
+    }
+
+    fn throughput(&self, elapsed: Duration, with_statements: bool) -> Throughput {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        let attempts = self.attempts.load(Ordering::Relaxed);
+        let acquired = self.acquired.load(Ordering::Relaxed);
+        Throughput {
+            attempts,
+            acquired,
+            refused: self.refused.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            error_samples: self
+                .samples
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            elapsed_s: secs,
+            cycles_per_s: attempts as f64 / secs,
+            acquired_per_s: acquired as f64 / secs,
+            statements: with_statements.then(|| self.statements.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// Runs `f` once per item, at most `limit` at a time.
+async fn for_each_limited<T, F, Fut>(items: Vec<T>, limit: usize, f: F) -> Result<()>
+where
+    T: Send + 'static,
+    F: Fn(T) -> Fut,
+    Fut: Future<Output = Result<()>> + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    for item in items {
+        if set.len() >= limit {
+            set.join_next().await.expect("not empty")??;
+        }
+        set.spawn(f(item));
+    }
+    while let Some(done) = set.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// Measure 4: `workers` tasks acquire a random key of `keys` and release it at once, as fast as
+/// they can, through one fail-fast locker (`OnUnavailable::ReturnNone`, so a held key is an
+/// answer, not an error) over one backend instance, as one process would; then the same with
+/// `workers` raw connections issuing the floor statements. Every key is acquired once before
+/// the clock starts, so rows exist as they would in a running system.
+async fn contention(config: &Config, target: &Target, run: &str) -> Result<Vec<Contention>> {
+    let mut shapes = Vec::new();
+    for keys in [config.keys, 1] {
+        let names: Arc<Vec<String>> = Arc::new(
+            (0..keys)
+                .map(|i| format!("bench-{run}-contention-{keys}-{i}"))
+                .collect(),
+        );
+        let floor_names: Arc<Vec<String>> = Arc::new(
+            (0..keys)
+                .map(|i| format!("bench-{run}-contention-{keys}-floor-{i}"))
+                .collect(),
+        );
+        let locker = Locker::builder(target.backend(None).await?)
+            .on_unavailable(OnUnavailable::ReturnNone)
+            .build()?;
+        {
+            let locker = locker.clone();
+            for_each_limited(names.to_vec(), 16, move |name| {
+                let locker = locker.clone();
+                async move { lease_cycle(&locker, &name).await.map(|_| ()) }
+            })
+            .await?;
+        }
+        let tally = Arc::new(Tally::default());
+        let deadline = Instant::now() + config.contention_duration;
+        let started = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..config.workers {
+            let (locker, names, tally) = (locker.clone(), Arc::clone(&names), Arc::clone(&tally));
+            set.spawn(async move {
+                while Instant::now() < deadline {
+                    let key = &names[fastrand::usize(..names.len())];
+                    tally.attempts.fetch_add(1, Ordering::Relaxed);
+                    match locker.acquire(key).await {
+                        Ok(Some(guard)) => match guard.release().await {
+                            Ok(true) => {
+                                tally.acquired.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(false) => tally.error("release found the lease already gone"),
+                            Err(e) => tally.error(e),
+                        },
+                        Ok(None) => {
+                            tally.refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => tally.error(e),
+                    }
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+        let leaselock = tally.throughput(started.elapsed(), false);
+        drop(locker);
+
+        let mut floors = Vec::with_capacity(config.workers);
+        for _ in 0..config.workers {
+            floors.push(floor::connect(target, None).await?);
+        }
+        for name in floor_names.iter() {
+            floor_cycle(&mut *floors[0], name).await?;
+        }
+        let tally = Arc::new(Tally::default());
+        let deadline = Instant::now() + config.contention_duration;
+        let started = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for mut floor in floors {
+            let (names, tally) = (Arc::clone(&floor_names), Arc::clone(&tally));
+            set.spawn(async move {
+                while Instant::now() < deadline {
+                    let key = &names[fastrand::usize(..names.len())];
+                    tally.attempts.fetch_add(1, Ordering::Relaxed);
+                    tally.statements.fetch_add(1, Ordering::Relaxed);
+                    match floor.lock(key).await {
+                        Ok(true) => {
+                            tally.statements.fetch_add(1, Ordering::Relaxed);
+                            match floor.unlock(key).await {
+                                Ok(()) => {
+                                    tally.acquired.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => tally.error(e),
+                            }
+                        }
+                        Ok(false) => {
+                            tally.refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => tally.error(e),
+                    }
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+        let by_hand = tally.throughput(started.elapsed(), true);
+        let statements = by_hand.statements.unwrap_or(0) as f64;
+        let per_cycle = statements / (by_hand.attempts.max(1) as f64);
+        let limit = statements / by_hand.elapsed_s / per_cycle.max(1e-9);
+        say(
+            target.id,
+            format!(
+                "contention {}×{keys}: {:.0} cycles/s ({} errors), server limit {:.0} cycles/s",
+                config.workers, leaselock.cycles_per_s, leaselock.errors, limit
+            ),
+        );
+        shapes.push(Contention {
+            workers: config.workers,
+            keys,
+            ratio: leaselock.cycles_per_s / limit.max(1e-9),
+            server_limit_cycles_per_s: limit,
+            leaselock,
+            floor: by_hand,
+        });
+    }
+    Ok(shapes)
+}
+
+/// A backend that counts the refreshes going through it.
+#[derive(Debug)]
+struct Counting {
+    inner: Arc<dyn LockBackend>,
+    refreshes: AtomicU64,
+    refresh_errors: AtomicU64,
+}
+
+#[deny(clippy::missing_trait_methods)]
+#[async_trait]
+impl LockBackend for Counting {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn init_storage(&self) -> leaselock::Result<()> {
+        self.inner.init_storage().await
+    }
+    async fn check_storage(&self) -> leaselock::Result<()> {
+        self.inner.check_storage().await
+    }
+    async fn try_acquire(&self, request: &AcquireRequest) -> leaselock::Result<AcquireOutcome> {
+        self.inner.try_acquire(request).await
+    }
+    async fn refresh(&self, lease: &Lease) -> leaselock::Result<Lease> {
+        let outcome = self.inner.refresh(lease).await;
+        match &outcome {
+            Ok(_) => self.refreshes.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.refresh_errors.fetch_add(1, Ordering::Relaxed),
+        };
+        outcome
+    }
+    async fn verify(&self, lease: &Lease) -> leaselock::Result<bool> {
+        self.inner.verify(lease).await
+    }
+    async fn release(&self, lease: &Lease) -> leaselock::Result<bool> {
+        self.inner.release(lease).await
+    }
+    async fn status(&self, key: &LockKey) -> leaselock::Result<LockState> {
+        self.inner.status(key).await
+    }
+    async fn list(&self) -> leaselock::Result<Vec<LockInfo>> {
+        self.inner.list().await
+    }
+    async fn force_release(&self, key: &LockKey) -> leaselock::Result<Option<LockInfo>> {
+        self.inner.force_release(key).await
+    }
+    async fn release_expired(&self) -> leaselock::Result<u64> {
+        self.inner.release_expired().await
+    }
+    async fn watch_release(&self, key: &LockKey) -> leaselock::Result<Option<Wakeup>> {
+        self.inner.watch_release(key).await
+    }
+    fn watch_lost(&self, lease: &Lease) -> Option<Wakeup> {
+        self.inner.watch_lost(lease)
+    }
+}
+
+/// Measure 5: one locker acquires `scale_leases` keys (32 at a time) with a `scale_lease`
+/// lease and the refresh daemon on (a refresh every third of the lease), then holds them for
+/// `scale_duration`, while this process's CPU time (`/proc/self/stat` utime + stime) and
+/// resident memory (`VmRSS`, sampled every second) are read. Nothing else runs meanwhile.
+async fn scale(config: &Config, target: &Target, run: &str) -> Result<Scale> {
+    let counting = Arc::new(Counting {
+        inner: target.backend(None).await?,
+        refreshes: AtomicU64::new(0),
+        refresh_errors: AtomicU64::new(0),
+    });
+    let locker = Locker::builder(Arc::clone(&counting))
+        .lease_duration(config.scale_lease)
+        .build()?;
+    let rss_before = machine::rss_mib();
+    let acquiring = Instant::now();
+    let guards: Arc<Mutex<Vec<LockGuard>>> = Arc::default();
+    {
+        let (locker, guards) = (locker.clone(), Arc::clone(&guards));
+        let names: Vec<String> = (0..config.scale_leases)
+            .map(|i| format!("bench-{run}-scale-{i}"))
+            .collect();
+        for_each_limited(names, 32, move |name| {
+            let (locker, guards) = (locker.clone(), Arc::clone(&guards));
+            async move {
+                let guard = locker
+                    .acquire(&name)
+                    .await?
+                    .ok_or("acquire returned no guard")?;
+                guards.lock().unwrap_or_else(|p| p.into_inner()).push(guard);
+                Ok(())
+            }
+        })
+        .await?;
+    }
+    let acquire_s = acquiring.elapsed().as_secs_f64();
+    say(
+        target.id,
+        format!(
+            "scale: {} leases acquired in {acquire_s:.1} s; watching for {:?}",
+            config.scale_leases, config.scale_duration
+        ),
+    );
+    let rss_start = machine::rss_mib();
+    let mut rss_max = rss_start;
+    let refreshes_start = counting.refreshes.load(Ordering::Relaxed);
+    let errors_start = counting.refresh_errors.load(Ordering::Relaxed);
+    let cpu_start = machine::cpu_seconds();
+    let window_start = Instant::now();
+    while window_start.elapsed() < config.scale_duration {
+        let left = config.scale_duration.saturating_sub(window_start.elapsed());
+        tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+        rss_max = rss_max.max(machine::rss_mib());
+    }
+    let cpu_s = machine::cpu_seconds() - cpu_start;
+    let window = window_start.elapsed().as_secs_f64();
+    let rss_end = machine::rss_mib();
+    let refreshes = counting.refreshes.load(Ordering::Relaxed) - refreshes_start;
+    let refresh_errors = counting.refresh_errors.load(Ordering::Relaxed) - errors_start;
+    let guards = std::mem::take(&mut *guards.lock().unwrap_or_else(|p| p.into_inner()));
+    let lost = guards.iter().filter(|g| g.is_lost()).count();
+    for_each_limited(guards, 32, |guard| async move {
+        guard.release().await?;
+        Ok(())
+    })
+    .await?;
+    Ok(Scale {
+        leases: config.scale_leases,
+        lease_duration_s: config.scale_lease.as_secs_f64(),
+        refresh_interval_s: config.scale_lease.as_secs_f64() / 3.0,
+        acquire_s,
+        window_s: window,
+        cpu_s,
+        cpu_share_of_one_core: cpu_s / window,
+        rss_before_mib: rss_before,
+        rss_window_start_mib: rss_start,
+        rss_window_max_mib: rss_max,
+        rss_window_end_mib: rss_end,
+        refreshes,
+        refresh_errors,
+        refreshes_per_s: refreshes as f64 / window,
+        lost,
+    })
+}
