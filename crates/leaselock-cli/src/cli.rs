@@ -23,7 +23,9 @@ use crate::target::DEFAULT_URL;
 pub struct Cli {
     /// Where locks live: sqlite://FILE (relative to the current directory),
     /// sqlite:///ABSOLUTE/FILE (optional ?table=NAME), postgres://USER:PASSWORD@HOST/DB
-    /// (?strategy=advisory|table), mysql://USER:PASSWORD@HOST/DB (?strategy=get_lock|table).
+    /// (?strategy=advisory|table), mysql://USER:PASSWORD@HOST/DB (?strategy=get_lock|table),
+    /// mongodb://USER:PASSWORD@HOST/DB (or mongodb+srv://; ?collection=NAME),
+    /// dynamodb://TABLE?endpoint=URL&region=NAME (credentials from the AWS configuration chain).
     /// Passwords are never printed.
     #[arg(
         long,
@@ -77,6 +79,14 @@ pub enum Command {
 
     /// Check that the lock storage is reachable and initialized; say what is missing (exit 66).
     Check,
+
+    /// Show the database's own name for the lock KEY, without connecting to anything.
+    ///
+    /// For PostgreSQL advisory locks, the 64-bit advisory key (a stable hash of the prefix and
+    /// the key) and its pg_locks columns; for MySQL GET_LOCK, the lock name; for tables,
+    /// collections and DynamoDB, where the key is stored. Also prints a query that shows the
+    /// lock with the database's own tools.
+    Key(KeyArgs),
 }
 
 /// `leaselock run`.
@@ -145,6 +155,17 @@ pub struct StatusArgs {
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `leaselock key`.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// The lock's name.
+    pub key: String,
+
+    /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
 }

@@ -1,16 +1,16 @@
-//! The subcommands other than `run`: `status`, `list`, `release`, `init`, `check`, and what
-//! they share with `run` (opening the storage, creating it when missing).
+//! The subcommands other than `run`: `status`, `list`, `release`, `init`, `check`, `key`, and
+//! what they share with `run` (opening the storage, creating it when missing).
 
 use std::sync::Arc;
 
 use leaselock::{Error, LockBackend, LockKey, LockState, Locker};
 use serde::Serialize;
 
-use crate::cli::{Cli, Command, ListArgs, ReleaseArgs, StatusArgs};
+use crate::cli::{Cli, Command, KeyArgs, ListArgs, ReleaseArgs, StatusArgs};
 use crate::exit::{Failure, CONFLICT, INTERNAL, OK, STORAGE};
 use crate::logging::{out, say};
-use crate::output::{list_table, status_text, LockView, StateView};
-use crate::target::Target;
+use crate::output::{list_table, native_text, status_text, LockView, StateView};
+use crate::target::{NativeName, Target};
 
 /// Runs the parsed command line; returns the exit code (having printed any failure).
 pub async fn dispatch(cli: Cli) -> u8 {
@@ -22,6 +22,7 @@ pub async fn dispatch(cli: Cli) -> u8 {
         Command::Release(args) => release(&url, args).await,
         Command::Init => init(&url).await,
         Command::Check => check(&url).await,
+        Command::Key(args) => native_key(&url, args),
     };
     match outcome {
         Ok(code) => code,
@@ -316,5 +317,30 @@ async fn check(url: &str) -> Result<u8, Failure> {
         "ok: lock storage {} is reachable and initialized ({name})",
         target.display()
     ));
+    Ok(OK)
+}
+
+#[derive(Serialize)]
+struct KeyJson<'a> {
+    url: &'a str,
+    key: &'a str,
+    #[serde(flatten)]
+    native: NativeName,
+}
+
+/// `leaselock key`: computed from the URL, connecting to nothing.
+fn native_key(url: &str, args: KeyArgs) -> Result<u8, Failure> {
+    let key = key(&args.key)?;
+    let target = Target::parse(url)?;
+    let native = target.native_name(&key)?;
+    if args.json {
+        json(&KeyJson {
+            url: target.display(),
+            key: key.as_str(),
+            native,
+        })?;
+    } else {
+        out(&native_text(key.as_str(), &native));
+    }
     Ok(OK)
 }

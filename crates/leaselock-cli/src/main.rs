@@ -3,8 +3,9 @@
 //! A distributed flock(1): `leaselock run KEY -- COMMAND` acquires the lock KEY in a database
 //! (by default an SQLite file in the current directory), runs the command while keeping the
 //! lease refreshed, and releases it. `status`, `list` and `release --force` show and break
-//! locks; `init` and `check` prepare and verify the storage. See the crate README for usage and
-//! the exit-code table (also printed by `leaselock --help`).
+//! locks; `init` and `check` prepare and verify the storage; `key` shows the database's own name
+//! for a lock. See the crate README for usage and the exit-code table (also printed by
+//! `leaselock --help`).
 #![forbid(unsafe_code)]
 
 mod cli;

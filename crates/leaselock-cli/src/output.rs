@@ -5,6 +5,8 @@ use std::time::{Duration, SystemTime};
 use leaselock::{LockInfo, LockState};
 use serde::Serialize;
 
+use crate::target::NativeName;
+
 /// One lock as shown by `status`, `list` and `release`.
 #[derive(Debug, Serialize)]
 pub struct LockView {
@@ -203,6 +205,68 @@ pub fn list_table(locks: &[LockView]) -> String {
     let mut out = vec![line(&header.map(str::to_owned))];
     out.extend(rows.iter().map(|row| line(row)));
     out.join("\n")
+}
+
+/// The human form of `key`: one `label: value` line per fact that applies to the backend.
+pub fn native_text(key: &str, native: &NativeName) -> String {
+    let mut lines: Vec<(&str, String)> = vec![
+        ("key", key.to_owned()),
+        ("backend", native.backend.to_owned()),
+    ];
+    if let Some(id) = native.advisory_key {
+        lines.push(("advisory key", id.to_string()));
+    }
+    if let Some(pg) = &native.pg_locks {
+        lines.push((
+            "pg_locks",
+            format!(
+                "classid {}, objid {}, objsubid {}",
+                pg.classid, pg.objid, pg.objsubid
+            ),
+        ));
+    }
+    if let Some(name) = &native.lock_name {
+        lines.push(("lock name", name.clone()));
+    }
+    let optional = [
+        ("prefix", &native.prefix),
+        ("file", &native.file),
+        ("database", &native.database),
+        ("schema", &native.schema),
+    ];
+    lines.extend(
+        optional
+            .into_iter()
+            .filter_map(|(label, value)| Some((label, value.clone()?))),
+    );
+    if let Some(table) = &native.table {
+        match native.kind {
+            "advisory_lock" | "get_lock" => lines.push((
+                "counter table",
+                format!("{table} (fencing counters and holders)"),
+            )),
+            _ => lines.push(("table", table.clone())),
+        }
+    }
+    if let Some(collection) = &native.collection {
+        lines.push(("collection", collection.clone()));
+    }
+    lines.push((
+        "key field",
+        format!("{} (the key, as is)", native.key_field),
+    ));
+    lines.push(("inspect", native.inspect.clone()));
+    let width = lines
+        .iter()
+        .map(|(label, _)| label.len())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    lines
+        .iter()
+        .map(|(label, value)| format!("{:<width$} {value}", format!("{label}:")))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[cfg(test)]

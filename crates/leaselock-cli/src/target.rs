@@ -5,7 +5,8 @@
 
 use std::sync::Arc;
 
-use leaselock::LockBackend;
+use leaselock::{LockBackend, LockKey, Namespace};
+use serde::Serialize;
 use url::Url;
 
 use crate::exit::{describe, Failure};
@@ -19,6 +20,8 @@ pub const MASK: &str = "***";
 /// Query parameters whose values are secrets (matched as substrings of the lower-cased name).
 const SECRET_PARAMS: &[&str] = &[
     "password",
+    // MongoDB's `authMechanismProperties` can carry an AWS session token.
+    "authmechanismproperties",
     "passwd",
     "pwd",
     "secret",
@@ -28,12 +31,13 @@ const SECRET_PARAMS: &[&str] = &[
 ];
 
 /// The schemes this build accepts, for messages.
-const AVAILABLE: &str = "sqlite, postgres, mysql";
+const AVAILABLE: &str = "sqlite, postgres, mysql, mongodb, dynamodb";
 
 /// The backends this build can open, by URL scheme.
 ///
 /// Backend crates slot in here: add the scheme to [`Scheme::from_name`], a pre-connection check
-/// to [`Target::parse`] and the crate's `from_url` to [`Target::open`].
+/// to [`Target::parse`], the crate's `from_url` to [`Target::open`] and its native lock name to
+/// [`Target::native_name`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scheme {
     /// `sqlite://FILE` (relative to the current directory) or `sqlite:///ABSOLUTE/FILE`, with
@@ -45,6 +49,12 @@ pub enum Scheme {
     /// `mysql://` or `mariadb://`, with `?strategy=get_lock|table` (default `get_lock`),
     /// `table=`, `prefix=`; other parameters go to the driver.
     Mysql,
+    /// `mongodb://` or `mongodb+srv://`, the database in the path (default `leaselock`), with
+    /// `collection=`; other options go to the driver.
+    Mongodb,
+    /// `dynamodb://TABLE`, with `endpoint=`, `region=`, `max_clock_skew=`, `cleanup_after=`;
+    /// credentials from the standard AWS configuration chain.
+    Dynamodb,
 }
 
 impl Scheme {
@@ -55,11 +65,8 @@ impl Scheme {
             "sqlite" => Ok(Scheme::Sqlite),
             "postgres" | "postgresql" => Ok(Scheme::Postgres),
             "mysql" | "mariadb" => Ok(Scheme::Mysql),
-            // Not wired into this build yet (their crates are in progress):
-            "mongodb" | "mongodb+srv" | "dynamodb" => Err(Failure::usage(format!(
-                "the `{scheme}` backend is not available in this build of leaselock yet \
-                     (available: {AVAILABLE})"
-            ))),
+            "mongodb" | "mongodb+srv" => Ok(Scheme::Mongodb),
+            "dynamodb" => Ok(Scheme::Dynamodb),
             other => Err(Failure::usage(format!(
                 "unknown URL scheme `{other}` (available: {AVAILABLE}; for example {DEFAULT_URL})"
             ))),
@@ -112,6 +119,12 @@ impl Target {
             Scheme::Mysql => {
                 leaselock_mysql::MysqlConfig::from_url(url).map_err(invalid)?;
             }
+            Scheme::Mongodb => {
+                leaselock_mongodb::MongoConfig::from_url(url).map_err(invalid)?;
+            }
+            Scheme::Dynamodb => {
+                leaselock_dynamodb::DynamoDbConfig::from_url(url).map_err(invalid)?;
+            }
         }
         Ok(Self {
             url: url.to_owned(),
@@ -134,7 +147,7 @@ impl Target {
                 let path = config.path();
                 (!path.exists()).then(|| path.to_path_buf())
             }
-            Scheme::Postgres | Scheme::Mysql => None,
+            Scheme::Postgres | Scheme::Mysql | Scheme::Mongodb | Scheme::Dynamodb => None,
         }
     }
 
@@ -145,8 +158,312 @@ impl Target {
             Scheme::Sqlite => leaselock_sqlite::from_url(&self.url).await,
             Scheme::Postgres => leaselock_postgres::from_url(&self.url).await,
             Scheme::Mysql => leaselock_mysql::from_url(&self.url).await,
+            Scheme::Mongodb => leaselock_mongodb::from_url(&self.url).await,
+            Scheme::Dynamodb => leaselock_dynamodb::from_url(&self.url).await,
         }
     }
+}
+
+/// Where, and under which name, a backend keeps the lock on one key: what `leaselock key`
+/// shows, so that users can find the lock with their database's own tools. Computed from the URL
+/// alone: nothing is opened, created or contacted.
+#[derive(Debug, Serialize)]
+pub struct NativeName {
+    /// The backend's name, as `status --json` shows it.
+    pub backend: &'static str,
+    /// What the database locks: `advisory_lock` (a PostgreSQL session advisory lock),
+    /// `get_lock` (a MySQL/MariaDB named lock), `row`, `document` or `item`.
+    pub kind: &'static str,
+    /// PostgreSQL advisory locks: the 64-bit lock id passed to `pg_try_advisory_lock(bigint)`,
+    /// the first 8 bytes of SHA-256(prefix, NUL, key) as a big-endian signed integer.
+    pub advisory_key: Option<i64>,
+    /// PostgreSQL advisory locks: how the `pg_locks` view shows the lock.
+    pub pg_locks: Option<PgLocks>,
+    /// MySQL `GET_LOCK`: the lock name (`prefix:key`, or a readable part plus a hash when that
+    /// is longer than 64 characters or not plain lower-case ASCII).
+    pub lock_name: Option<String>,
+    /// The prefix the advisory key or `GET_LOCK` name is derived from, with the key.
+    pub prefix: Option<String>,
+    /// SQLite: the database file, as given in the URL.
+    pub file: Option<String>,
+    /// MongoDB: the database.
+    pub database: Option<String>,
+    /// PostgreSQL: the schema, when the URL sets one (otherwise the `search_path` decides).
+    pub schema: Option<String>,
+    /// The table holding the key's row or item; for `advisory_lock` and `get_lock`, the table of
+    /// fencing counters and holders, next to the lock itself.
+    pub table: Option<String>,
+    /// MongoDB: the collection.
+    pub collection: Option<String>,
+    /// The column, document field or item attribute that holds the key, unchanged.
+    pub key_field: &'static str,
+    /// A query that shows the lock: SQL for the SQL databases (MySQL's assumes the default
+    /// backslash escapes), a `mongosh` expression for MongoDB, PartiQL for DynamoDB.
+    pub inspect: String,
+}
+
+/// The `pg_locks` columns that identify a leaselock advisory lock.
+#[derive(Debug, Serialize)]
+pub struct PgLocks {
+    /// The high 32 bits of the advisory key, unsigned.
+    pub classid: u32,
+    /// The low 32 bits of the advisory key, unsigned.
+    pub objid: u32,
+    /// Always 1: a lock taken with one `bigint` argument.
+    pub objsubid: u8,
+}
+
+impl Target {
+    /// Where the backend keeps the lock on `key`, and its native name there. Connects to
+    /// nothing, opens no file.
+    pub fn native_name(&self, key: &LockKey) -> Result<NativeName, Failure> {
+        let invalid = |error: leaselock::Error| {
+            Failure::usage(format!(
+                "invalid URL `{}`: {}",
+                self.display,
+                describe(&error)
+            ))
+        };
+        let k = key.as_str();
+        let quoted = |table: &str| {
+            Namespace::for_field("table", table)
+                .map(|t| t.quoted())
+                .map_err(invalid)
+        };
+        let empty = NativeName {
+            backend: "",
+            kind: "row",
+            advisory_key: None,
+            pg_locks: None,
+            lock_name: None,
+            prefix: None,
+            file: None,
+            database: None,
+            schema: None,
+            table: None,
+            collection: None,
+            key_field: "",
+            inspect: String::new(),
+        };
+        Ok(match self.scheme {
+            Scheme::Sqlite => {
+                let config =
+                    leaselock_sqlite::SqliteConfig::from_url(&self.url).map_err(invalid)?;
+                let table = raw_param(&self.url, "table")
+                    .unwrap_or(leaselock_sqlite::DEFAULT_TABLE)
+                    .to_owned();
+                NativeName {
+                    backend: "sqlite",
+                    file: Some(config.path().display().to_string()),
+                    inspect: format!(
+                        "SELECT * FROM {} WHERE lock_key = {};",
+                        quoted(&table)?,
+                        sql_string(k, false)
+                    ),
+                    table: Some(table),
+                    key_field: "lock_key",
+                    ..empty
+                }
+            }
+            Scheme::Postgres => {
+                use leaselock_postgres::{PgAdvisoryBackend, PgConfig, PgTableBackend, Strategy};
+                let config = PgConfig::from_url(&self.url).map_err(invalid)?;
+                let schema = config.schema_name().map(str::to_owned);
+                let qualify = |table: &str| -> Result<String, Failure> {
+                    Ok(match &schema {
+                        Some(schema) => format!(
+                            "{}.{}",
+                            Namespace::for_field("schema", schema.as_str())
+                                .map_err(invalid)?
+                                .quoted(),
+                            quoted(table)?
+                        ),
+                        None => quoted(table)?,
+                    })
+                };
+                match config.get_strategy() {
+                    Strategy::Advisory => {
+                        let table = config
+                            .table_name()
+                            .unwrap_or(leaselock_postgres::DEFAULT_COUNTER_TABLE)
+                            .to_owned();
+                        // Lazy: the constructor validates, the first operation connects.
+                        let backend = PgAdvisoryBackend::new(config).map_err(invalid)?;
+                        let id = backend.lock_id(key);
+                        let (classid, objid) = leaselock_postgres::advisory_lock_parts(id);
+                        NativeName {
+                            backend: backend.capabilities().backend,
+                            kind: "advisory_lock",
+                            advisory_key: Some(id),
+                            pg_locks: Some(PgLocks {
+                                classid,
+                                objid,
+                                objsubid: 1,
+                            }),
+                            prefix: Some(backend.prefix().to_owned()),
+                            inspect: format!(
+                                "SELECT * FROM pg_locks WHERE locktype = 'advisory' AND database = \
+                                 (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                                 AND classid = {classid} AND objid = {objid} AND objsubid = 1;"
+                            ),
+                            schema: schema.clone(),
+                            table: Some(table),
+                            key_field: "key",
+                            ..empty
+                        }
+                    }
+                    Strategy::Table => {
+                        let table = config
+                            .table_name()
+                            .unwrap_or(leaselock_postgres::DEFAULT_TABLE)
+                            .to_owned();
+                        let backend = PgTableBackend::new(config).map_err(invalid)?;
+                        NativeName {
+                            backend: backend.capabilities().backend,
+                            inspect: format!(
+                                "SELECT * FROM {} WHERE key = {};",
+                                qualify(&table)?,
+                                sql_string(k, false)
+                            ),
+                            schema: schema.clone(),
+                            table: Some(table),
+                            key_field: "key",
+                            ..empty
+                        }
+                    }
+                    other => {
+                        return Err(Failure::usage(format!(
+                            "`leaselock key` does not know the PostgreSQL strategy {other:?}"
+                        )))
+                    }
+                }
+            }
+            Scheme::Mysql => {
+                use leaselock_mysql::{MysqlConfig, MysqlGetLockBackend, Strategy};
+                let config = MysqlConfig::from_url(&self.url).map_err(invalid)?;
+                // The parameters as `MysqlConfig::from_url` read them (it checked them).
+                let strategy = match url_param(&self.url, "strategy") {
+                    Some(strategy) => strategy.parse().map_err(invalid)?,
+                    None => Strategy::default(),
+                };
+                let table = url_param(&self.url, "table").unwrap_or_else(|| {
+                    match strategy {
+                        Strategy::GetLock => leaselock_mysql::DEFAULT_GET_LOCK_TABLE,
+                        Strategy::Table => leaselock_mysql::DEFAULT_TABLE,
+                    }
+                    .to_owned()
+                });
+                let backquoted = Namespace::for_field("table", table.as_str())
+                    .map_err(invalid)?
+                    .backquoted();
+                match strategy {
+                    Strategy::GetLock => {
+                        // Lazy: the constructor validates, the first operation connects.
+                        let backend = MysqlGetLockBackend::new(config).map_err(invalid)?;
+                        let name = backend.lock_name(key);
+                        NativeName {
+                            backend: backend.capabilities().backend,
+                            kind: "get_lock",
+                            inspect: format!("SELECT IS_USED_LOCK({});", sql_string(&name, true)),
+                            lock_name: Some(name),
+                            prefix: Some(
+                                url_param(&self.url, "prefix")
+                                    .unwrap_or_else(|| leaselock_mysql::DEFAULT_PREFIX.to_owned()),
+                            ),
+                            table: Some(table),
+                            key_field: "lock_key",
+                            ..empty
+                        }
+                    }
+                    Strategy::Table => {
+                        let backend = config.build().map_err(invalid)?;
+                        NativeName {
+                            backend: backend.capabilities().backend,
+                            inspect: format!(
+                                "SELECT * FROM {backquoted} WHERE lock_key = {};",
+                                sql_string(k, true)
+                            ),
+                            table: Some(table),
+                            key_field: "lock_key",
+                            ..empty
+                        }
+                    }
+                }
+            }
+            Scheme::Mongodb => {
+                let config =
+                    leaselock_mongodb::MongoConfig::from_url(&self.url).map_err(invalid)?;
+                let js = |text: &str| serde_json::to_string(text).unwrap_or_default();
+                NativeName {
+                    backend: "mongodb",
+                    kind: "document",
+                    inspect: format!(
+                        "db.getSiblingDB({}).getCollection({}).findOne({{ _id: {} }})",
+                        js(config.database_name()),
+                        js(config.collection_name()),
+                        js(k)
+                    ),
+                    database: Some(config.database_name().to_owned()),
+                    collection: Some(config.collection_name().to_owned()),
+                    key_field: "_id",
+                    ..empty
+                }
+            }
+            Scheme::Dynamodb => {
+                let config =
+                    leaselock_dynamodb::DynamoDbConfig::from_url(&self.url).map_err(invalid)?;
+                let table = config.table_name().to_owned();
+                NativeName {
+                    backend: "dynamodb",
+                    kind: "item",
+                    inspect: format!(
+                        "SELECT * FROM {} WHERE \"key\" = {}",
+                        quoted(&table)?,
+                        sql_string(k, false)
+                    ),
+                    table: Some(table),
+                    key_field: "key",
+                    ..empty
+                }
+            }
+        })
+    }
+}
+
+/// `text` as an SQL string literal: quotes doubled, and with `backslashes` (MySQL's default
+/// mode) backslashes doubled too.
+fn sql_string(text: &str, backslashes: bool) -> String {
+    let mut literal = String::with_capacity(text.len() + 2);
+    literal.push('\'');
+    for c in text.chars() {
+        match c {
+            '\'' => literal.push_str("''"),
+            '\\' if backslashes => literal.push_str("\\\\"),
+            c => literal.push(c),
+        }
+    }
+    literal.push('\'');
+    literal
+}
+
+/// The value of the query parameter `name`, read as the SQLite URL parser reads it: no
+/// percent-decoding (it refuses every value that would need it), the last one wins.
+fn raw_param<'a>(url: &'a str, name: &str) -> Option<&'a str> {
+    let (_, query) = url.split_once('?')?;
+    query
+        .rsplit('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, value)| value)
+}
+
+/// The value of the query parameter `name`, decoded, for URLs that [`Url`] parses.
+fn url_param(url: &str, name: &str) -> Option<String> {
+    Url::parse(url)
+        .ok()?
+        .query_pairs()
+        .find(|(n, _)| n == name)
+        .map(|(_, value)| value.into_owned())
 }
 
 fn is_scheme(scheme: &str) -> bool {
@@ -297,23 +614,185 @@ mod tests {
         let my = Target::parse("mariadb://root:pw@db/app?strategy=get_lock").unwrap();
         assert_eq!(my.scheme, Scheme::Mysql);
         assert_eq!(my.display(), "mariadb://root:***@db/app?strategy=get_lock");
+        let mongo =
+            Target::parse("mongodb://app:pw@h1:27017,h2:27017/app?collection=jobs").unwrap();
+        assert_eq!(mongo.scheme, Scheme::Mongodb);
+        assert_eq!(
+            mongo.display(),
+            "mongodb://***@h1:27017,h2:27017/app?collection=jobs"
+        );
+        assert_eq!(
+            Target::parse("mongodb://h/db").unwrap().scheme,
+            Scheme::Mongodb
+        );
+        assert_eq!(
+            Target::parse("mongodb+srv://app:pw@cluster.example.com/app")
+                .unwrap()
+                .scheme,
+            Scheme::Mongodb
+        );
+        let dynamo =
+            Target::parse("dynamodb://locks?endpoint=http://127.0.0.1:8000&region=us-east-1")
+                .unwrap();
+        assert_eq!(dynamo.scheme, Scheme::Dynamodb);
+        assert_eq!(
+            Target::parse("dynamodb://locks").unwrap().scheme,
+            Scheme::Dynamodb
+        );
         for bad in [
             "",
             "leaselock.db",
             "://x",
             "1sqlite://x",
             "ftp://x",
-            "mongodb://h/db",
             "sqlite://",
             "sqlite://x.db?table=bad-name",
             "sqlite://x.db?nope=1",
             "postgres://app:pw@db/app?strategy=nope",
             "postgres://db/app?strategy=table&prefix=p",
             "mysql://root:pw@db/app?strategy=advisory",
+            "mongodb://h/db?collection=bad-name",
+            "mongodb://h/1db",
+            "mongodb+srv://app:pw@cluster.example.com/app?collection=a.b",
+            "dynamodb://",
+            "dynamodb://bad-name",
+            "dynamodb://locks?nope=1",
+            "dynamodb://locks?max_clock_skew=soon",
+            "dynamodb://AKID:secret@locks",
+            "dynamodb://locks:8000",
         ] {
             let failure = Target::parse(bad).unwrap_err();
             assert_eq!(failure.code, crate::exit::USAGE, "{bad}: {failure}");
             assert!(!failure.message.contains('\n'));
         }
+    }
+
+    #[test]
+    fn sql_literals() {
+        assert_eq!(sql_string("plain", true), "'plain'");
+        assert_eq!(sql_string(r"it's a\b", false), r"'it''s a\b'");
+        assert_eq!(sql_string(r"it's a\b", true), r"'it''s a\\b'");
+        assert_eq!(
+            raw_param("sqlite://x.db?table=a&busy_timeout=5s&table=b", "table"),
+            Some("b")
+        );
+        assert_eq!(raw_param("sqlite://x.db", "table"), None);
+        assert_eq!(
+            url_param("mysql://h/db?table=%61bc", "table").as_deref(),
+            Some("abc")
+        );
+    }
+
+    fn native(url: &str, key: &str) -> NativeName {
+        Target::parse(url)
+            .unwrap()
+            .native_name(&LockKey::new(key).unwrap())
+            .unwrap()
+    }
+
+    #[test]
+    fn native_names_of_file_document_and_item_backends() {
+        let sqlite = native(
+            "sqlite:///tmp/no-such-dir-for-leaselock/x.db?table=jobs",
+            "it's",
+        );
+        assert_eq!((sqlite.backend, sqlite.kind), ("sqlite", "row"));
+        assert_eq!(
+            sqlite.file.as_deref(),
+            Some("/tmp/no-such-dir-for-leaselock/x.db")
+        );
+        assert_eq!(sqlite.table.as_deref(), Some("jobs"));
+        assert_eq!(
+            sqlite.inspect,
+            r#"SELECT * FROM "jobs" WHERE lock_key = 'it''s';"#
+        );
+        assert!(!std::path::Path::new("/tmp/no-such-dir-for-leaselock").exists());
+        assert_eq!(
+            native(DEFAULT_URL, "k").table.as_deref(),
+            Some(leaselock_sqlite::DEFAULT_TABLE)
+        );
+
+        let mongo = native("mongodb://u:pw@127.0.0.1:1/ops?collection=jobs", "a\"b");
+        assert_eq!((mongo.backend, mongo.kind), ("mongodb", "document"));
+        assert_eq!(mongo.database.as_deref(), Some("ops"));
+        assert_eq!(mongo.collection.as_deref(), Some("jobs"));
+        assert_eq!(mongo.key_field, "_id");
+        assert_eq!(
+            mongo.inspect,
+            r#"db.getSiblingDB("ops").getCollection("jobs").findOne({ _id: "a\"b" })"#
+        );
+        let default = native("mongodb://127.0.0.1:1", "k");
+        assert_eq!(default.database.as_deref(), Some("leaselock"));
+        assert_eq!(default.collection.as_deref(), Some("leaselock_locks"));
+
+        let dynamo = native("dynamodb://app_locks?endpoint=http://127.0.0.1:1", "o'k");
+        assert_eq!((dynamo.backend, dynamo.kind), ("dynamodb", "item"));
+        assert_eq!(dynamo.table.as_deref(), Some("app_locks"));
+        assert_eq!(
+            dynamo.inspect,
+            r#"SELECT * FROM "app_locks" WHERE "key" = 'o''k'"#
+        );
+    }
+
+    #[tokio::test]
+    async fn native_names_of_postgres_and_mysql() {
+        // The values of the documented examples of `advisory_key` and `lock_name`.
+        let pg = native("postgres://app:pw@127.0.0.1:1/app", "migrations");
+        assert_eq!(
+            (pg.backend, pg.kind),
+            ("postgres-advisory", "advisory_lock")
+        );
+        assert_eq!(pg.advisory_key, Some(-7_738_434_545_972_184_409));
+        let parts = pg.pg_locks.unwrap();
+        assert_eq!(
+            (u64::from(parts.classid) << 32) | u64::from(parts.objid),
+            (-7_738_434_545_972_184_409_i64) as u64
+        );
+        assert_eq!(pg.prefix.as_deref(), Some("leaselock"));
+        assert_eq!(pg.table.as_deref(), Some("leaselock_advisory"));
+        let other = native("postgres://127.0.0.1:1/app?prefix=other_app", "migrations");
+        assert_eq!(
+            other.advisory_key,
+            Some(leaselock_postgres::advisory_key("other_app", "migrations"))
+        );
+        assert_ne!(other.advisory_key, pg.advisory_key);
+        let table = native(
+            "postgresql://127.0.0.1:1/app?strategy=table&schema=ops&table=jobs",
+            "it's",
+        );
+        assert_eq!((table.backend, table.kind), ("postgres-table", "row"));
+        assert_eq!(table.advisory_key, None);
+        assert_eq!(table.schema.as_deref(), Some("ops"));
+        assert_eq!(
+            table.inspect,
+            r#"SELECT * FROM "ops"."jobs" WHERE key = 'it''s';"#
+        );
+
+        let my = native("mysql://root:pw@127.0.0.1:1/app", "migrations");
+        assert_eq!((my.backend, my.kind), ("mysql-get-lock", "get_lock"));
+        assert_eq!(my.lock_name.as_deref(), Some("leaselock:migrations"));
+        assert_eq!(my.inspect, "SELECT IS_USED_LOCK('leaselock:migrations');");
+        assert_eq!(my.table.as_deref(), Some("leaselock_get_locks"));
+        let upper = native("mysql://127.0.0.1:1/app", "Migrations");
+        assert_eq!(
+            upper.lock_name.as_deref(),
+            Some("leaselock:migrations#87abf4a5a8f7b086")
+        );
+        let long = native("mysql://127.0.0.1:1/app", &"reports/".repeat(10));
+        assert_eq!(
+            long.lock_name.as_deref(),
+            Some("leaselock:reports/reports/reports/reports/repor#5d500b36af778329")
+        );
+        let prefixed = native("mariadb://127.0.0.1:1/app?prefix=myapp", "migrations");
+        assert_eq!(prefixed.lock_name.as_deref(), Some("myapp:migrations"));
+        assert_eq!(prefixed.prefix.as_deref(), Some("myapp"));
+        let table = native("mysql://127.0.0.1:1/app?strategy=table", r"a\'b");
+        assert_eq!((table.backend, table.kind), ("mysql-table", "row"));
+        assert_eq!(table.lock_name, None);
+        assert_eq!(table.table.as_deref(), Some("leaselock_locks"));
+        assert_eq!(
+            table.inspect,
+            r"SELECT * FROM `leaselock_locks` WHERE lock_key = 'a\\''b';"
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! The real `leaselock` binary against SQLite files in temporary directories.
+//! The real `leaselock` binary against SQLite files in temporary directories, and against the
+//! real servers named by `LEASELOCK_<DB>_URL` (skipped with a loud message when unset).
 //!
 //! No assertion depends on timing: waits are bounded by generous timeouts only so that a broken
 //! build fails instead of hanging.
@@ -167,6 +168,13 @@ impl Env {
 
     fn status(&self, key: &str) -> Value {
         let done = self.run(&["status", key, "--json"]);
+        assert_eq!(done.code, Some(0), "{done:?}");
+        done.json()
+    }
+
+    /// `leaselock key KEY --json`.
+    fn native(&self, key: &str) -> Value {
+        let done = self.run(&["key", key, "--json"]);
         assert_eq!(done.code, Some(0), "{done:?}");
         done.json()
     }
@@ -584,13 +592,26 @@ fn bad_input_exits_2_with_one_line_and_touches_nothing() {
     let cases: Vec<Vec<&str>> = vec![
         vec![
             "--url",
-            "mongodb://u:pw@localhost/db",
+            "mongodb://u:pw@localhost/db?collection=bad-name",
             "run",
             "k",
             "--",
             "true",
         ],
-        vec!["--url", "dynamodb://locks", "list"],
+        vec![
+            "--url",
+            "mongodb+srv://u:pw@cluster.example.com/1db",
+            "list",
+        ],
+        vec!["--url", "dynamodb://bad-name", "list"],
+        vec![
+            "--url",
+            "dynamodb://locks?region=us-east-1&colour=blue",
+            "status",
+            "k",
+        ],
+        vec!["--url", "dynamodb://locks?max_clock_skew=soon", "key", "k"],
+        vec!["--url", "dynamodb://AKID:secret@locks", "init"],
         vec!["--url", "bogus://x", "status", "k"],
         vec!["--url", "not a url", "list"],
         vec!["--url", "sqlite://", "list"],
@@ -603,6 +624,14 @@ fn bad_input_exits_2_with_one_line_and_touches_nothing() {
         vec!["run", "", "--", "true"],
         vec!["run", &long_key, "--", "true"],
         vec!["status", ""],
+        vec!["key", ""],
+        vec!["key"],
+        vec![
+            "--url",
+            "mysql://root:pw@db/app?strategy=advisory",
+            "key",
+            "k",
+        ],
         vec!["release", "", "--force"],
         vec!["run", "k", "--ttl", "5parsecs", "--", "true"],
         vec!["run", "k", "--ttl", "0s", "--", "true"],
@@ -632,7 +661,7 @@ fn credentials_are_never_printed() {
     for url in [
         format!("postgres://app:{SECRET}@127.0.0.1:1/db"),
         format!("mysql://root:{SECRET}@127.0.0.1:1/db"),
-        format!("mongodb://root:{SECRET}@127.0.0.1:1/db"),
+        format!("mongodb://root:{SECRET}@127.0.0.1:1/db?serverSelectionTimeoutMS=500"),
     ] {
         for args in [
             vec!["-vvv", "status", "k", "--json"],
@@ -645,6 +674,14 @@ fn credentials_are_never_printed() {
             assert!(!done.stdout.contains(SECRET), "{args:?} leaked: {done:?}");
         }
     }
+    // `key` shows no password either.
+    let done = env.run_with(
+        Some(&format!("mongodb://root:{SECRET}@127.0.0.1:1/db")),
+        &["key", "k", "--json"],
+    );
+    assert_eq!(done.code, Some(0), "{done:?}");
+    assert!(!done.stdout.contains(SECRET), "{done:?}");
+    assert_eq!(done.json()["url"], "mongodb://root:***@127.0.0.1:1/db");
     // `--help` does not show LEASELOCK_URL's value.
     let done = env.run_with(Some(&format!("postgres://app:{SECRET}@h/db")), &["--help"]);
     assert_eq!(done.code, Some(0));
@@ -684,35 +721,347 @@ fn mysql_strategies_through_the_command() {
     server_strategies(&base, &["table", "get_lock"]);
 }
 
-/// For each strategy of a server backend: mutual exclusion of several processes, the conflict
-/// code, status, `--if-stale` refusing a live lock, and a forced release that stops the holder.
+/// For each strategy of a server backend: [`through_the_command`].
 fn server_strategies(base: &str, strategies: &[&str]) {
     for &strategy in strategies {
         let env = Env::with_url(with_params(
             base,
             &format!("strategy={strategy}&table=leaselock_cli_{strategy}"),
         ));
-        let key = fresh_key(strategy);
-        contend(&env, &key, 4);
-
-        let holder = env.hold(&key, &["--ttl", "5s"], HOLD_UNTIL_STOP);
-        let done = env.run(&["run", &key, "--no-wait", "--", "true"]);
-        assert_eq!(done.code, Some(1), "{strategy}: {done:?}");
-        let status = env.status(&key);
-        assert_eq!(status["state"], "held", "{strategy}: {status}");
-        assert_eq!(status["lock"]["pid"], holder.pid(), "{strategy}: {status}");
-        let done = env.run(&["release", &key, "--force", "--if-stale"]);
-        assert_eq!(
-            done.code,
-            Some(1),
-            "{strategy}: a live lock is not stale: {done:?}"
-        );
-        let done = env.run(&["release", &key, "--force", "--json"]);
-        assert_eq!(done.code, Some(0), "{strategy}: {done:?}");
-        assert_eq!(done.json()["action"], "released", "{strategy}");
-        let done = holder.wait();
-        assert_eq!(done.code, Some(75), "{strategy}: {done:?}");
-        assert_eq!(env.status(&key)["state"], "free", "{strategy}");
-        fs::remove_file(env.path("started")).unwrap();
+        through_the_command(&env, strategy);
     }
+}
+
+/// MongoDB through the command, in its own collection.
+#[test]
+fn mongodb_through_the_command() {
+    let Some(base) = leaselock_conformance::server_url("LEASELOCK_MONGODB_URL") else {
+        return;
+    };
+    through_the_command(
+        &Env::with_url(with_params(&base, "collection=leaselock_cli")),
+        "mongodb",
+    );
+}
+
+/// DynamoDB through the command, in its own table.
+#[test]
+fn dynamodb_through_the_command() {
+    let Some(base) = leaselock_conformance::server_url("LEASELOCK_DYNAMODB_URL") else {
+        return;
+    };
+    through_the_command(
+        &Env::with_url(dynamodb_table(&base, "leaselock_cli")),
+        "dynamodb",
+    );
+}
+
+/// `base`, a `dynamodb://TABLE?...` URL, with another table.
+fn dynamodb_table(base: &str, table: &str) -> String {
+    let mut url = url::Url::parse(base).expect("LEASELOCK_DYNAMODB_URL is a URL");
+    url.set_host(Some(table)).expect("a table name as host");
+    url.to_string()
+}
+
+/// A server backend through the command: mutual exclusion of several processes, the conflict
+/// code, status, list, `--if-stale` refusing a live lock, and a forced release that stops the
+/// holder.
+fn through_the_command(env: &Env, label: &str) {
+    let key = fresh_key(label);
+    contend(env, &key, 4);
+
+    let holder = env.hold(&key, &["--ttl", "5s"], HOLD_UNTIL_STOP);
+    let done = env.run(&["run", &key, "--no-wait", "--", "touch", "ran"]);
+    assert_eq!(done.code, Some(1), "{label}: {done:?}");
+    assert!(done.stderr.contains("held by"), "{label}: {done:?}");
+    assert!(
+        !env.path("ran").exists(),
+        "{label}: the command must not run"
+    );
+    let status = env.status(&key);
+    assert_eq!(status["state"], "held", "{label}: {status}");
+    assert_eq!(status["lock"]["pid"], holder.pid(), "{label}: {status}");
+    assert_eq!(
+        env.native(&key)["backend"],
+        status["backend"],
+        "{label}: `key` names the backend as `status` does"
+    );
+    let done = env.run(&["list", "--json"]);
+    assert_eq!(done.code, Some(0), "{label}: {done:?}");
+    let list = done.json();
+    let listed: Vec<&Value> = list["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|lock| lock["key"] == key.as_str())
+        .collect();
+    assert_eq!(listed.len(), 1, "{label}: {list}");
+    assert_eq!(
+        listed[0]["token"], status["lock"]["token"],
+        "{label}: {list}"
+    );
+    let table = env.run(&["list"]);
+    assert!(table.stdout.contains(&key), "{label}: {table:?}");
+    let done = env.run(&["release", &key, "--force", "--if-stale"]);
+    assert_eq!(
+        done.code,
+        Some(1),
+        "{label}: a live lock is not stale: {done:?}"
+    );
+    let done = env.run(&["release", &key, "--force", "--json"]);
+    assert_eq!(done.code, Some(0), "{label}: {done:?}");
+    assert_eq!(done.json()["action"], "released", "{label}");
+    let done = holder.wait();
+    assert_eq!(done.code, Some(75), "{label}: {done:?}");
+    assert_eq!(env.status(&key)["state"], "free", "{label}");
+    fs::remove_file(env.path("started")).unwrap();
+}
+
+/// A current-thread runtime for the database clients that look at the server's side.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(future)
+}
+
+/// A key that needs escaping in SQL (a quote, a backslash) and is no plain `GET_LOCK` name.
+fn awkward_key(name: &str) -> String {
+    format!(r"it's\{}", fresh_key(name))
+}
+
+/// `leaselock key` names what the database locks: while `run` holds a key, the query it prints
+/// finds the holder with the database's own tools, and after the release finds no holder.
+/// `look` runs the query and returns the holder it shows, if any.
+fn key_finds_the_holder(env: &Env, key: &str, look: impl Fn(&Value) -> Option<String>) {
+    assert_eq!(env.run(&["init"]).code, Some(0));
+    let native = env.native(key);
+    assert_eq!(native["key"], key, "{native}");
+    assert_eq!(look(&native), None, "nobody holds it yet: {native}");
+    let holder = env.hold(key, &["--ttl", "20s"], HOLD_UNTIL_STOP);
+    let owner = env.status(key)["lock"]["owner"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let found = look(&native).unwrap_or_else(|| panic!("the lock is not where {native} says"));
+    assert!(
+        found == owner || found.parse::<u64>().is_ok(),
+        "{found} is neither the owner {owner} nor a session id"
+    );
+    fs::write(env.path("stop"), "").unwrap();
+    assert_eq!(holder.wait().code, Some(0));
+    assert_eq!(look(&native), None, "released: {native}");
+    fs::remove_file(env.path("started")).unwrap();
+    fs::remove_file(env.path("stop")).unwrap();
+}
+
+#[test]
+fn key_shows_where_sqlite_keeps_the_lock() {
+    let env = Env::new();
+    let key = awkward_key("sqlite");
+    let native = env.native(&key);
+    assert_eq!(native["backend"], "sqlite", "{native}");
+    assert_eq!(native["table"], "leaselock_locks", "{native}");
+    assert!(!env.path("locks.db").exists(), "`key` opens nothing");
+    let done = env.run(&["key", &key]);
+    assert_eq!(done.code, Some(0), "{done:?}");
+    assert!(done.stdout.contains("inspect:"), "{done:?}");
+    let file = env.path(native["file"].as_str().unwrap());
+    key_finds_the_holder(&env, &key, |native| {
+        let db = rusqlite::Connection::open(&file).expect("open the database");
+        let sql = native["inspect"].as_str().unwrap();
+        match db.query_row(sql, [], |row| row.get::<_, Option<String>>("owner")) {
+            Ok(owner) => owner,
+            Err(rusqlite::Error::QueryReturnedNoRows) => None,
+            Err(e) => panic!("{sql}: {e}"),
+        }
+    });
+}
+
+#[test]
+fn key_shows_the_native_name_without_connecting() {
+    let env = Env::new();
+    // Nothing listens on port 1: `key` answers at once all the same.
+    let started = Instant::now();
+    let pg = env.run_with(
+        Some("postgres://app:pw@127.0.0.1:1/app"),
+        &["key", "migrations", "--json"],
+    );
+    assert_eq!(pg.code, Some(0), "{pg:?}");
+    let pg = pg.json();
+    // The documented example of `leaselock_postgres::advisory_key`.
+    assert_eq!(pg["advisory_key"], -7_738_434_545_972_184_409_i64, "{pg}");
+    assert_eq!(pg["backend"], "postgres-advisory", "{pg}");
+    assert_eq!(pg["url"], "postgres://app:***@127.0.0.1:1/app", "{pg}");
+    let text = env.run_with(
+        Some("postgres://app:pw@127.0.0.1:1/app"),
+        &["key", "migrations"],
+    );
+    assert!(
+        text.stdout.contains("advisory key:  -7738434545972184409"),
+        "{text:?}"
+    );
+    let my = env.run_with(
+        Some("mysql://root@127.0.0.1:1/app"),
+        &["key", "Migrations", "--json"],
+    );
+    assert_eq!(my.code, Some(0), "{my:?}");
+    // The documented example of `leaselock_mysql::lock_name`.
+    assert_eq!(
+        my.json()["lock_name"],
+        "leaselock:migrations#87abf4a5a8f7b086"
+    );
+    let mongo = env.run_with(Some("mongodb://127.0.0.1:1/ops"), &["key", "k", "--json"]);
+    assert_eq!(mongo.json()["collection"], "leaselock_locks", "{mongo:?}");
+    let dynamo = env.run_with(
+        Some("dynamodb://locks?endpoint=http://127.0.0.1:1&region=us-east-1"),
+        &["key", "k", "--json"],
+    );
+    assert_eq!(dynamo.json()["table"], "locks", "{dynamo:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "`key` must not try to connect"
+    );
+    // Nor does it create the default database file.
+    let done = env.run_with(None, &["key", "k"]);
+    assert_eq!(done.code, Some(0), "{done:?}");
+    let left: Vec<_> = fs::read_dir(env.dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "`key` created files: {left:?}");
+}
+
+#[test]
+fn key_shows_what_postgres_locks() {
+    let Some(base) = leaselock_conformance::server_url("LEASELOCK_POSTGRES_URL") else {
+        return;
+    };
+    for strategy in ["advisory", "table"] {
+        let env = Env::with_url(with_params(
+            &base,
+            &format!("strategy={strategy}&table=leaselock_cli_{strategy}"),
+        ));
+        key_finds_the_holder(&env, &awkward_key(strategy), |native| {
+            let sql = native["inspect"].as_str().unwrap().to_owned();
+            let rows = block_on(async {
+                let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+                    .await
+                    .expect("connect to PostgreSQL");
+                tokio::spawn(connection);
+                client.simple_query(&sql).await.expect(&sql)
+            });
+            let rows: Vec<_> = rows
+                .into_iter()
+                .filter_map(|message| match message {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+                    _ => None,
+                })
+                .collect();
+            assert!(rows.len() <= 1, "{sql}");
+            let row = rows.first()?;
+            match strategy {
+                // The advisory lock in pg_locks: its holder's session.
+                "advisory" => row.get("pid").map(str::to_owned),
+                _ => row.get("owner").map(str::to_owned),
+            }
+        });
+    }
+}
+
+#[test]
+fn key_shows_what_mysql_locks() {
+    use leaselock_mysql::mysql_async::{self, prelude::Queryable};
+    let Some(base) = leaselock_conformance::server_url("LEASELOCK_MYSQL_URL") else {
+        return;
+    };
+    for strategy in ["get_lock", "table"] {
+        let env = Env::with_url(with_params(
+            &base,
+            &format!("strategy={strategy}&table=leaselock_cli_{strategy}"),
+        ));
+        let key = awkward_key(strategy);
+        if strategy == "get_lock" {
+            let name = env.native(&key)["lock_name"].as_str().unwrap().to_owned();
+            assert!(name.len() <= 64 && name.contains('#'), "{name}");
+        }
+        key_finds_the_holder(&env, &key, |native| {
+            let sql = native["inspect"].as_str().unwrap().to_owned();
+            block_on(async {
+                let pool = mysql_async::Pool::new(base.as_str());
+                let mut conn = pool.get_conn().await.expect("connect to MySQL");
+                let row: Option<mysql_async::Row> =
+                    conn.query_first(sql.as_str()).await.expect(&sql);
+                drop(conn);
+                pool.disconnect().await.expect("disconnect");
+                let row = row?;
+                match strategy {
+                    // IS_USED_LOCK: the holder's connection id, or NULL.
+                    "get_lock" => row
+                        .get::<Option<u64>, _>(0)
+                        .flatten()
+                        .map(|id| id.to_string()),
+                    _ => row
+                        .get::<Option<Vec<u8>>, _>("owner")
+                        .flatten()
+                        .map(|owner| String::from_utf8(owner).unwrap()),
+                }
+            })
+        });
+    }
+}
+
+#[test]
+fn key_shows_where_mongodb_keeps_the_lock() {
+    use mongodb::bson::Document;
+    let Some(base) = leaselock_conformance::server_url("LEASELOCK_MONGODB_URL") else {
+        return;
+    };
+    let env = Env::with_url(with_params(&base, "collection=leaselock_cli"));
+    key_finds_the_holder(&env, &awkward_key("mongodb"), |native| {
+        block_on(async {
+            let client = mongodb::Client::with_uri_str(&base).await.expect("client");
+            let collection = client
+                .database(native["database"].as_str().unwrap())
+                .collection::<Document>(native["collection"].as_str().unwrap());
+            let mut filter = Document::new();
+            filter.insert(
+                native["key_field"].as_str().unwrap(),
+                native["key"].as_str().unwrap(),
+            );
+            let found = collection
+                .find_one(filter)
+                .await
+                .expect("find the lock document")?;
+            found.get_str("owner").ok().map(str::to_owned)
+        })
+    });
+}
+
+#[test]
+fn key_shows_where_dynamodb_keeps_the_lock() {
+    let Some(base) = leaselock_conformance::server_url("LEASELOCK_DYNAMODB_URL") else {
+        return;
+    };
+    let url = dynamodb_table(&base, "leaselock_cli");
+    let env = Env::with_url(url.clone());
+    key_finds_the_holder(&env, &awkward_key("dynamodb"), |native| {
+        let statement = native["inspect"].as_str().unwrap().to_owned();
+        block_on(async {
+            let config = leaselock_dynamodb::DynamoDbConfig::from_url(&url).unwrap();
+            let backend = leaselock_dynamodb::DynamoDbBackend::connect(config)
+                .await
+                .expect("client");
+            // The PartiQL statement `key` printed.
+            let output = backend
+                .client()
+                .execute_statement()
+                .statement(&statement)
+                .send()
+                .await
+                .expect(&statement);
+            let items = output.items();
+            assert!(items.len() <= 1, "{statement}");
+            let owner = items.first()?.get("owner")?;
+            Some(owner.as_s().expect("owner is a string").clone())
+        })
+    });
 }
