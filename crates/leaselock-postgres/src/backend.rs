@@ -24,7 +24,7 @@ pub(crate) mod table;
 /// This is the number [`PgAdvisoryBackend`](crate::PgAdvisoryBackend) passes to
 /// `pg_try_advisory_lock(bigint)`. In `pg_locks` it shows as `classid` = the high 32 bits and
 /// `objid` = the low 32 bits (both unsigned), with `objsubid = 1`. The function never changes
-/// between versions: other tools can compute it (`leaselock status` prints it).
+/// between versions: other tools can compute it (`leaselock key KEY --url postgres://…` prints it).
 ///
 /// ```
 /// use leaselock_postgres::advisory_key;
