@@ -1,0 +1,5 @@
+-- Every migration logs itself in `applications`, which has no unique key: a migration applied
+-- twice leaves two rows.
+CREATE TABLE applications (migration INT NOT NULL, token BIGINT);
+CREATE TABLE accounts (id BIGINT PRIMARY KEY, name VARCHAR(100) NOT NULL);
+INSERT INTO applications (migration) VALUES (1);

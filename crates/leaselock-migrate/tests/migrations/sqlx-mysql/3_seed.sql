@@ -1,0 +1,3 @@
+-- The fencing token of the lock this run holds, as the migration code sees it.
+INSERT INTO applications (migration, token) VALUES (3, @leaselock_fencing_token);
+INSERT INTO accounts (id, name) VALUES (1, 'first');

@@ -1,0 +1,4 @@
+CREATE TABLE orders (id BIGINT PRIMARY KEY, account_id BIGINT NOT NULL REFERENCES accounts (id));
+INSERT INTO applications (migration) VALUES (2);
+-- Slow enough that the other processes are still waiting for the lock when it ends.
+SELECT pg_sleep(0.5);
