@@ -16,7 +16,7 @@ use leaselock::{
     LockHooks, LockKey, LockKind, Locker, OwnerId, WaitPolicy,
 };
 
-use super::child::{faketime_available, Role};
+use super::child::{libfaketime, Role};
 use super::Faults;
 use crate::support::fresh_key;
 
@@ -179,6 +179,18 @@ impl LockHooks for LostClock {
 }
 
 impl LostClock {
+    /// The instant the lost signal of `token` fired; waits briefly for the hook, which runs just
+    /// after the signal is set.
+    async fn when(&self, token: u64) -> Instant {
+        for _ in 0..500 {
+            if let Some(at) = self.get(token) {
+                return at;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the lease_lost hook of token {token} did not run");
+    }
+
     fn get(&self, token: u64) -> Option<Instant> {
         self.at
             .lock()
@@ -474,7 +486,7 @@ pub async fn partitioned_holder_loses_first(f: Faults) {
     tokio::time::timeout(lease + HANG, guard.lost().wait())
         .await
         .expect("the partitioned holder's lost signal never fired");
-    let lost_at = lost_clock.get(token).expect("the lost hook ran");
+    let lost_at = lost_clock.when(token).await;
     if session {
         // The server still has the holder's session (nothing reached it): the lock stays held
         // until the partition ends. End it with resets, as a dying network path would.
@@ -560,7 +572,7 @@ async fn cycle_owners(
                     .await
                     .is_ok();
                 let end = if lost {
-                    lost_clock.get(token).expect("the lost hook ran")
+                    lost_clock.when(token).await
                 } else {
                     Instant::now()
                 };
@@ -648,7 +660,7 @@ pub async fn server_restart_no_double_owner(f: Faults) {
     tokio::time::timeout(lease + HANG, guard.lost().wait())
         .await
         .expect("the holder was not told that the server went away with its lock");
-    let lost_at = lost_clock.get(token).expect("the lost hook ran");
+    let lost_at = lost_clock.when(token).await;
     // Stay down past the holder's lease, then come back.
     let down_until = stopped + lease + Duration::from_secs(1);
     tokio::time::sleep_until(tokio::time::Instant::from_std(down_until)).await;
@@ -732,6 +744,28 @@ pub async fn server_restart_no_double_owner(f: Faults) {
     );
 }
 
+/// Checks that a process started with `skew` (`+30s`, `-30s`) really sees its wall clock
+/// shifted: its first report is its clock.
+async fn assert_skewed(process: &mut super::HolderProcess, skew: &str) {
+    let event = process.expect("clock", HANG).await;
+    let ours = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as f64;
+    let theirs = event.num(0) as f64;
+    let want: f64 = skew
+        .trim_end_matches('s')
+        .parse::<f64>()
+        .expect("a skew in seconds")
+        * 1000.0;
+    let off = theirs - ours;
+    assert!(
+        (off - want).abs() < 10_000.0,
+        "the process was to see its clock {skew} off, but it is {:.1}s off",
+        off / 1000.0
+    );
+}
+
 /// Under a wall clock skewed by `skew`, against a backend whose expiry is decided by the
 /// database's clock (or by nothing, for session locks): a skewed holder keeps its lock against a
 /// true-clock contender, its death still frees the lock within a lease plus a refresh interval,
@@ -756,6 +790,7 @@ async fn skew_database_clock(f: &Faults, url: &str, skew: &str) -> String {
         url,
         Some(skew),
     );
+    assert_skewed(&mut holder, skew).await;
     let token = holder.expect("acquired", HANG).await.num(0);
     let req = request(&key, &owner("true-clock"), LONG);
     let watch_from = Instant::now();
@@ -812,6 +847,7 @@ async fn skew_database_clock(f: &Faults, url: &str, skew: &str) -> String {
         url,
         Some(skew),
     );
+    assert_skewed(&mut contender, skew).await;
     contender.expect("started", HANG).await;
     let outcome = tokio::time::timeout(HANG, async {
         loop {
@@ -856,6 +892,7 @@ async fn skew_waiter_monotonic(f: &Faults, url: &str, skew: &str) -> String {
     // (a) The dead holder's clock was skewed; the waiter's is true.
     let key = fresh_key("fault_skew_holder");
     let mut holder = f.spawn(hold(&key), url, Some(skew));
+    assert_skewed(&mut holder, skew).await;
     let token = holder.expect("acquired", HANG).await.num(0);
     holder.expect("step", HANG).await;
     holder.kill().await;
@@ -894,6 +931,7 @@ async fn skew_waiter_monotonic(f: &Faults, url: &str, skew: &str) -> String {
         url,
         Some(skew),
     );
+    assert_skewed(&mut contender, skew).await;
     let acquired = contender.expect("acquired", lease + HANG * 2).await;
     let skewed_waited = Duration::from_millis(acquired.num(1));
     assert!(acquired.num(0) > token);
@@ -914,8 +952,8 @@ async fn skew_waiter_monotonic(f: &Faults, url: &str, skew: &str) -> String {
 /// The wall clock of a holder process (or of a contender) is skewed by +30 s and by -30 s with
 /// libfaketime. Backends whose database clock decides expiry (and session locks) never grant a
 /// live holder's lock to anyone, and free a dead holder's lock within a lease plus a refresh
-/// interval; DynamoDB's takeover still waits a whole lease. Needs the `faketime` program (Debian
-/// package `faketime`). Does not apply where the expiry clock is each process's own
+/// interval; DynamoDB's takeover still waits a whole lease. Needs libfaketime (Debian package
+/// `faketime`), preloaded into the holder processes. Does not apply where the expiry clock is each process's own
 /// ([`super::FaultTarget::clock_is_per_process`]).
 pub async fn clock_skew_no_double_grant(f: Faults) {
     let t = f.target();
@@ -929,14 +967,14 @@ pub async fn clock_skew_no_double_grant(f: Faults) {
         );
         return;
     }
-    if !faketime_available() {
+    if libfaketime().is_none() {
         assert!(
             !crate::is_ci(),
-            "`faketime` (Debian package faketime) is missing, and under CI=true every fault case \
+            "libfaketime (Debian package faketime) is missing, and under CI=true every fault case \
              is required"
         );
         eprintln!(
-            "\n#####  SKIPPED: clock_skew_no_double_grant needs `faketime` \
+            "\n#####  SKIPPED: clock_skew_no_double_grant needs libfaketime \
              (apt-get install faketime).  #####\n"
         );
         return;

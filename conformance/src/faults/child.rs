@@ -215,29 +215,43 @@ impl std::fmt::Debug for HolderProcess {
     }
 }
 
-/// Whether the `faketime` program (libfaketime) is installed.
-pub fn faketime_available() -> bool {
-    std::process::Command::new("faketime")
-        .args(["-f", "+0", "true"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+/// The multi-threaded libfaketime library (Debian package `faketime`), or the file named by
+/// `LEASELOCK_LIBFAKETIME`.
+pub fn libfaketime() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("LEASELOCK_LIBFAKETIME") {
+        return Some(PathBuf::from(path)).filter(|p| p.is_file());
+    }
+    let mut dirs = vec![
+        PathBuf::from("/usr/lib/faketime"),
+        PathBuf::from("/usr/local/lib/faketime"),
+    ];
+    // Debian's multiarch folders: /usr/lib/x86_64-linux-gnu/faketime and the like.
+    if let Ok(entries) = std::fs::read_dir("/usr/lib") {
+        dirs.extend(
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path().join("faketime")),
+        );
+    }
+    dirs.into_iter()
+        .map(|d| d.join("libfaketimeMT.so.1"))
+        .find(|p| p.is_file())
 }
 
 impl HolderProcess {
     pub(crate) fn spawn(child_test: &str, role: Role, url: &str, skew: Option<&str>) -> Self {
         let exe = std::env::current_exe().expect("the test binary");
-        let mut cmd = match skew {
-            Some(skew) => {
-                let mut cmd = tokio::process::Command::new("faketime");
-                // The multi-threaded library; the monotonic clock stays true (tokio's timers),
-                // only the wall clock moves.
-                cmd.args(["-m", "--exclude-monotonic", "-f", skew]).arg(exe);
-                cmd
-            }
-            None => tokio::process::Command::new(exe),
-        };
+        let mut cmd = tokio::process::Command::new(exe);
+        if let Some(skew) = skew {
+            // libfaketime preloaded into the process itself (the `faketime` program would run it
+            // as its child, out of reach of our signals). Only the wall clock moves; the monotonic
+            // clock (tokio's timers, the local deadline) stays true.
+            let library = libfaketime().expect("libfaketime (Debian package faketime)");
+            cmd.env("LD_PRELOAD", library)
+                .env("FAKETIME", skew)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                .env("FAKETIME_NO_CACHE", "1");
+        }
         cmd.args([
             child_test,
             "--exact",
@@ -438,6 +452,12 @@ where
         .build()
         .expect("a tokio runtime");
     runtime.block_on(async move {
+        // The wall clock as this process sees it (skewed or not), for the test to check.
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        emit("clock", &[wall.to_string()]);
         let target = setup().await.expect("the fault target in a holder process");
         let backend = target.connect(&url).await.expect("open the backend");
         match role {
