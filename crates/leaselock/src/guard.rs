@@ -248,6 +248,11 @@ pub(crate) struct GuardConfig {
     pub(crate) refresh_every: Option<Duration>,
     /// How long a release retries transient errors.
     pub(crate) release_timeout: Duration,
+    /// For a lease without expiry (a session lock) that is refreshed: how long it may go
+    /// without a successful refresh (a liveness check of its session) before the holder counts
+    /// it lost. A partitioned session may be ended by the server at any time, so the holder must
+    /// not trust it for ever. The locker's lease duration.
+    pub(crate) session_bound: Duration,
 }
 
 impl LockGuard {
@@ -272,7 +277,11 @@ impl LockGuard {
         sent_at: Instant,
         config: GuardConfig,
     ) -> Self {
-        let deadline = lease.ttl.map(|ttl| sent_at + ttl);
+        // A session lock's liveness checks are its refreshes: bound them like a lease's.
+        let bound = lease
+            .ttl
+            .or_else(|| config.refresh_every.map(|_| config.session_bound));
+        let deadline = bound.map(|bound| sent_at + bound);
         let (lost_tx, rx) = watch::channel(None);
         let lost_watch = backend.watch_lost(&lease);
         let held = Arc::new(Held {
@@ -290,6 +299,7 @@ impl LockGuard {
             tokio::spawn(run_daemon(
                 Arc::clone(&held),
                 config.refresh_every,
+                bound,
                 lost_watch.unwrap_or_else(|| Box::pin(std::future::pending())),
             ))
         });
@@ -417,7 +427,12 @@ const DEADLINE_REASON: &str = "the lease duration passed without a successful re
 const SESSION_REASON: &str = "the backend reported the lease gone (session ended)";
 
 /// Keeps a lease alive until aborted or lost.
-async fn run_daemon(held: Arc<Held>, refresh_every: Option<Duration>, mut lost_watch: Wakeup) {
+async fn run_daemon(
+    held: Arc<Held>,
+    refresh_every: Option<Duration>,
+    bound: Option<Duration>,
+    mut lost_watch: Wakeup,
+) {
     let mut next_refresh = refresh_every.map(|every| Instant::now() + every);
     loop {
         let deadline = held.deadline();
@@ -450,7 +465,7 @@ async fn run_daemon(held: Arc<Held>, refresh_every: Option<Duration>, mut lost_w
             Ok(fresh) => {
                 tracing::trace!(key = %fresh.key, "lease refreshed");
                 *held.deadline.lock().unwrap_or_else(|p| p.into_inner()) =
-                    fresh.ttl.map(|ttl| sent_at + ttl);
+                    fresh.ttl.or(bound).map(|ttl| sent_at + ttl);
                 *held.lease.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
                 next_refresh = Some(Instant::now() + every);
             }

@@ -129,7 +129,9 @@ impl LockerBuilder {
 
     /// How long a lease lasts without a refresh. Default: 60 s ([`DEFAULT_LEASE_DURATION`]).
     /// Between 10 ms and one year. Session-lock backends hold the lock as long as their session
-    /// instead, and use this only to pace their liveness checks.
+    /// instead; for them this is how long the holder trusts its session without a successful
+    /// liveness check (a refresh) before it counts the lock lost, so a partitioned holder is told
+    /// even when its connection hangs.
     pub fn lease_duration(mut self, lease_duration: Duration) -> Self {
         self.lease_duration = lease_duration;
         self
@@ -460,6 +462,7 @@ impl Locker {
             GuardConfig {
                 refresh_every: i.refresh.then_some(i.refresh_interval),
                 release_timeout: i.release_timeout,
+                session_bound: i.lease_duration,
             },
         )
     }
@@ -839,6 +842,93 @@ mod tests {
             .await
             .unwrap()
             .is_held());
+    }
+
+    /// A session-lock backend whose connection hangs (a partition): refreshes never answer.
+    #[derive(Debug)]
+    struct HangingSession(MemoryBackend);
+
+    #[async_trait::async_trait]
+    impl LockBackend for HangingSession {
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::new(
+                "hanging",
+                crate::LockKind::Session,
+                crate::ExpiryClock::None,
+            )
+        }
+        async fn init_storage(&self) -> Result<()> {
+            Ok(())
+        }
+        async fn check_storage(&self) -> Result<()> {
+            Ok(())
+        }
+        async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
+            Ok(match self.0.try_acquire(request).await? {
+                AcquireOutcome::Acquired(lease) => AcquireOutcome::Acquired(Lease::new(
+                    lease.key,
+                    lease.owner,
+                    lease.token,
+                    lease.acquired_at,
+                )),
+                held => held,
+            })
+        }
+        async fn refresh(&self, _lease: &Lease) -> Result<Lease> {
+            std::future::pending().await
+        }
+        async fn verify(&self, _lease: &Lease) -> Result<bool> {
+            std::future::pending().await
+        }
+        async fn release(&self, _lease: &Lease) -> Result<bool> {
+            Ok(false)
+        }
+        async fn status(&self, key: &LockKey) -> Result<LockState> {
+            self.0.status(key).await
+        }
+        async fn list(&self) -> Result<Vec<LockInfo>> {
+            self.0.list().await
+        }
+        async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+            self.0.force_release(key).await
+        }
+        async fn release_expired(&self) -> Result<u64> {
+            Ok(0)
+        }
+        async fn watch_release(&self, _key: &LockKey) -> Result<Option<crate::Wakeup>> {
+            Ok(None)
+        }
+        fn watch_lost(&self, _lease: &Lease) -> Option<crate::Wakeup> {
+            None
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hanging_session_is_lost_after_one_lease_duration() {
+        let locker = Locker::builder(HangingSession(MemoryBackend::new()))
+            .lease_duration(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let guard = locker.acquire("k").await.unwrap().unwrap();
+        let reason = tokio::time::timeout(Duration::from_secs(20), guard.lost().wait())
+            .await
+            .expect("a session that cannot be checked must count as lost");
+        assert!(reason.contains("lease duration"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn an_unrefreshed_session_is_not_bounded() {
+        let locker = Locker::builder(HangingSession(MemoryBackend::new()))
+            .lease_duration(Duration::from_millis(100))
+            .refresh(false)
+            .build()
+            .unwrap();
+        let guard = locker.acquire("k").await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            !guard.is_lost(),
+            "without liveness checks a session lock lives with its session"
+        );
     }
 
     #[tokio::test]
