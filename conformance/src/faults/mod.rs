@@ -1,7 +1,7 @@
 //! Fault cases: crashed, paused and partitioned holders, server restarts, skewed clocks and a
 //! soak across processes, checking that nothing is ever granted twice.
 //!
-//! The cases are plain async functions over [`Faults`] (in [`cases`]); [`fault_tests!`] turns
+//! The cases are plain async functions over [`Faults`] (in [`cases`]); [`fault_tests!`](crate::fault_tests!) turns
 //! them into one `#[test]` each. A backend crate's `tests/faults.rs` implements [`FaultTarget`],
 //! which supplies the means (a URL that holder processes open with the crate's `from_url`, the
 //! server's address for a partitioning [`crate::proxy::Proxy`], a separate server the test may
@@ -253,6 +253,7 @@ macro_rules! fault_tests {
             $setup;
             holder_killed_frees_lock,
             holder_paused_loses_lease,
+            partitioned_holder_is_told,
             partitioned_holder_loses_first,
             server_restart_no_double_owner,
             clock_skew_no_double_grant,
