@@ -6,6 +6,10 @@
 //!   denied.
 //! - `cargo xtask ci`: lint, then test.
 //! - `cargo xtask services up|env|down`: manage the servers without running tests.
+//! - `cargo xtask chaos [CARGO TEST ARGS…]`: starts the servers like `test`, then runs every
+//!   backend's fault suite (`tests/faults.rs`) with the full soak (10,000 critical sections per
+//!   backend; `LEASELOCK_SOAK_SECTIONS` changes it) and collects the figures in
+//!   `target/chaos-report.txt` (see RELIABILITY.md).
 //! - `cargo xtask bench [BACKEND…] [OPTIONS]`: starts the servers like `test`, then runs the
 //!   benchmark harness (`bench/`) in release mode (`--write-docs` rewrites BENCHMARKS.md).
 //!
@@ -29,9 +33,10 @@ fn main() -> ExitCode {
         Some("ci") => lint().and_then(|()| test(&args[1..])),
         Some("services") => services_cmd(args.get(1).map(String::as_str)),
         Some("bench") => bench(&args[1..]),
+        Some("chaos") => chaos(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test [CARGO TEST ARGS…] | lint | ci | services up|env|down | bench [ARGS…]>"
+                "usage: cargo xtask <test [CARGO TEST ARGS…] | lint | ci | services up|env|down | bench [ARGS…] | chaos [ARGS…]>"
             );
             return ExitCode::from(2);
         }
@@ -90,6 +95,7 @@ fn services_up() -> Result<Vec<(String, String)>> {
 }
 
 fn test(extra: &[String]) -> Result<()> {
+    fault_tools()?;
     let env = services_up()?;
     let mut cmd = cargo();
     cmd.current_dir(root())
@@ -99,6 +105,52 @@ fn test(extra: &[String]) -> Result<()> {
         cmd.env(key, value);
     }
     util::run(&mut cmd)
+}
+
+/// The clock-skew fault cases preload libfaketime into holder processes: install it if missing
+/// (Debian package `faketime`). Without it those cases skip locally and fail under CI.
+fn fault_tools() -> Result<()> {
+    if util::have("faketime") {
+        return Ok(());
+    }
+    eprintln!("xtask: installing faketime (libfaketime) for the clock-skew fault cases");
+    match util::apt_install(&["faketime"]) {
+        Err(error) if !util::is_ci() => {
+            eprintln!("xtask: {error}; the clock-skew fault cases will be skipped");
+            Ok(())
+        }
+        outcome => outcome,
+    }
+}
+
+/// Every backend's fault suite with the full soak; figures to `target/chaos-report.txt`.
+fn chaos(extra: &[String]) -> Result<()> {
+    fault_tools()?;
+    let env = services_up()?;
+    let report = root().join("target").join("chaos-report.txt");
+    let _ = std::fs::remove_file(&report);
+    let mut cmd = cargo();
+    cmd.current_dir(root()).arg("test");
+    for krate in [
+        "leaselock-sqlite",
+        "leaselock-postgres",
+        "leaselock-mysql",
+        "leaselock-mongodb",
+        "leaselock-dynamodb",
+    ] {
+        cmd.args(["-p", krate]);
+    }
+    cmd.args(["--test", "faults"]).args(extra);
+    for (key, value) in &env {
+        cmd.env(key, value);
+    }
+    if std::env::var_os("LEASELOCK_SOAK_SECTIONS").is_none() {
+        cmd.env("LEASELOCK_SOAK_SECTIONS", "10000");
+    }
+    cmd.env("LEASELOCK_FAULT_REPORT", &report);
+    let outcome = util::run(&mut cmd);
+    eprintln!("xtask: fault figures in {}", report.display());
+    outcome
 }
 
 fn bench(args: &[String]) -> Result<()> {

