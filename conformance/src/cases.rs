@@ -963,3 +963,85 @@ pub async fn lease_hand_over(t: Arc<dyn Target>) {
     // The lease is gone now: adopting it again must fail as lost.
     assert!(matches!(second.adopt(lease).await, Err(Error::Lost { .. })));
 }
+
+/// A lock without expiry (a request without a lease duration) is never taken over, reported
+/// expired, cleaned up or listed as anything but held, however long it is held, while a lease
+/// taken beside it expires and is taken over; only its owner's release or a force release
+/// frees it, and fencing goes on. (Every backend; session backends hold every lock until it is
+/// released, so for them the case only waits a while.)
+pub async fn lock_without_expiry_does_not_expire(t: Arc<dyn Target>) {
+    let (a, b) = (t.backend().await.unwrap(), t.backend().await.unwrap());
+    let caps = a.capabilities();
+    let key = fresh_key("no_expiry");
+    let me = owner("a");
+    let forever = AcquireRequest::without_expiry(key.clone(), me.clone());
+    let lease = must_acquire(&*a, &forever).await;
+    assert_eq!(
+        (lease.expires_at, lease.ttl),
+        (None, None),
+        "a lock without expiry has no expiry"
+    );
+    let other = request(&key, &owner("b"), LONG_TTL);
+    if is_lease_based(&caps) {
+        // Wait, trying as a waiter would, until a short lease taken at the same time has expired
+        // and been taken over on this backend: the lock without expiry must stay held throughout.
+        let control = fresh_key("no_expiry_control");
+        let short = must_acquire(&*a, &request(&control, &owner("a"), SHORT_TTL)).await;
+        let start = std::time::Instant::now();
+        let taken = loop {
+            must_be_held(&*b, &other).await;
+            if let AcquireOutcome::Acquired(l) = b
+                .try_acquire(&request(&control, &owner("b"), LONG_TTL))
+                .await
+                .expect("try_acquire")
+            {
+                break l;
+            }
+            assert!(
+                start.elapsed() < takeover_limit(),
+                "the control lease was not taken over"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        assert!(taken.token > short.token);
+        assert!(b.release(&taken).await.unwrap());
+    }
+    tokio::time::sleep(SHORT_TTL * 2).await;
+    must_be_held(&*b, &other).await;
+    b.release_expired().await.expect("release_expired");
+    must_be_held(&*b, &other).await;
+    match b.status(&key).await.unwrap() {
+        LockState::Held(info) => {
+            assert_eq!(info.owner, me);
+            assert_eq!(info.token, lease.token);
+            assert_eq!((info.expires_at, info.remaining), (None, None));
+        }
+        other => panic!("a lock without expiry must stay held, got {other:?}"),
+    }
+    let listed = b.list().await.unwrap();
+    let entry = listed
+        .iter()
+        .find(|i| i.key == key)
+        .expect("a lock without expiry is listed");
+    assert_eq!(entry.expires_at, None);
+    assert!(a.verify(&lease).await.unwrap(), "still held by its owner");
+
+    // Its owner releases it; then a force release frees the next one.
+    assert!(a.release(&lease).await.unwrap());
+    let next = acquire_within(
+        &*b,
+        &AcquireRequest::without_expiry(key.clone(), owner("b")),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(next.token > lease.token);
+    let removed = a
+        .force_release(&key)
+        .await
+        .unwrap()
+        .expect("a holder removed");
+    assert_eq!(removed.token, next.token);
+    let last = acquire_within(&*a, &request(&key, &me, LONG_TTL), Duration::from_secs(10)).await;
+    assert!(last.token > next.token, "fencing goes on");
+    assert!(a.release(&last).await.unwrap());
+}

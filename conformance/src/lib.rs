@@ -187,6 +187,7 @@ macro_rules! conformance_tests {
             waiter_acquires_after_release,
             unavailable_returns_none_when_configured,
             lease_hand_over,
+            lock_without_expiry_does_not_expire,
         );
     };
 }

@@ -77,7 +77,8 @@ type Item = HashMap<String, AttributeValue>;
 ///   a whole lease duration on its own monotonic clock (the technique of AWS's DynamoDB lock
 ///   client), or, with [`DynamoDbConfig::max_clock_skew`], once the stored expiry plus the skew
 ///   has passed on its wall clock. The holder treats its lease as lost at its own monotonic
-///   deadline ([`leaselock::Locker`] does that);
+///   deadline ([`leaselock::Locker`] does that). A lock without expiry stores no lease duration
+///   and no expiry (nor a time to live for the item): no waiter takes it over, cleanup leaves it;
 /// - fencing tokens are a counter in the item, incremented by the acquiring write itself;
 ///   release keeps the item and removes only the holder.
 ///
@@ -738,10 +739,12 @@ impl LockBackend for DynamoDbBackend {
 
     async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
         let key = request.key();
+        // `None`: a lock without expiry, which stores no lease duration and no expiry, so no
+        // waiter ever sees it ripe and cleanup never releases it.
         let ttl = request.ttl();
         let now = self.wall_now();
         let now_ms = millis(now);
-        let expires = now + ttl;
+        let expires = ttl.map(|ttl| now + ttl);
         let version = uuid::Uuid::new_v4().simple().to_string();
 
         let mut condition = "attribute_not_exists(#o)".to_owned();
@@ -759,21 +762,32 @@ impl LockBackend for DynamoDbBackend {
                 number(now_ms.saturating_sub(duration_ms(skew))),
             );
         }
-        let (cleanup, cleanup_value) = self.cleanup_clause(expires);
-        let mut update = "SET #o = :owner, #v = :version, #l = :lease, #a = :now, #e = :expires, \
+        let (cleanup, cleanup_value) = match expires {
+            Some(expires) => self.cleanup_clause(expires),
+            None => ("", None),
+        };
+        let mut update = "SET #o = :owner, #v = :version, #a = :now, \
                           #t = if_not_exists(#t, :floor) + :one"
             .to_owned();
-        if cleanup.is_empty() {
-            update.push_str(" REMOVE #c");
-        } else {
+        if expires.is_some() {
+            update.push_str(", #l = :lease, #e = :expires");
+        }
+        if !cleanup.is_empty() {
             update.push_str(", ");
             update.push_str(cleanup);
         }
+        match (cleanup.is_empty(), expires.is_none()) {
+            (true, true) => update.push_str(" REMOVE #c, #l, #e"),
+            (true, false) => update.push_str(" REMOVE #c"),
+            (false, _) => {}
+        }
         values.insert(":owner".into(), string(request.owner().as_str()));
         values.insert(":version".into(), string(&version));
-        values.insert(":lease".into(), number(duration_ms(ttl)));
+        if let (Some(ttl), Some(expires)) = (ttl, expires) {
+            values.insert(":lease".into(), number(duration_ms(ttl)));
+            values.insert(":expires".into(), number(millis(expires)));
+        }
         values.insert(":now".into(), number(now_ms));
-        values.insert(":expires".into(), number(millis(expires)));
         // A new item's counter starts at the wall clock in milliseconds, so an item deleted by
         // the time to live and created again continues above every token it handed out.
         values.insert(":floor".into(), number(now_ms));
@@ -783,13 +797,16 @@ impl LockBackend for DynamoDbBackend {
         }
 
         let lease_with = |token: u64| {
-            Lease::new(
+            let lease = Lease::new(
                 key.clone(),
                 request.owner().clone(),
                 FencingToken::new(token),
                 now,
-            )
-            .with_expiry(expires, ttl)
+            );
+            match (expires, ttl) {
+                (Some(expires), Some(ttl)) => lease.with_expiry(expires, ttl),
+                _ => lease,
+            }
         };
         match self
             .write(

@@ -35,6 +35,9 @@ const TOKEN: &str = "token";
 const ACQUIRED_AT: &str = "acquired_at";
 const EXPIRES_AT: &str = "expires_at";
 const TTL_MS: &str = "ttl_ms";
+/// The `expires_at` of a lock without expiry, 9999-12-31T23:59:59.999Z: later than any `$$NOW`
+/// (a missing or null date would compare as earlier), reported as no expiry.
+const NEVER_MS: i64 = 253_402_300_799_999;
 /// A random id written by the acquisition that took the lock, so that an acquisition whose
 /// reply carries no document can tell from the stored one whether it won (see `try_acquire`).
 const ATTEMPT: &str = "attempt";
@@ -83,7 +86,9 @@ fn now_plus(ms: i64) -> Document {
 ///   clock (the refusal itself carries no document). Each acquisition also stores a random
 ///   `attempt` id, so that a reply without a document (which MongoDB does not send, but a
 ///   compatible server may after a race) is settled by the same read.
-/// - **Expiry** is decided by the server's clock (`$$NOW`), never the client's.
+/// - **Expiry** is decided by the server's clock (`$$NOW`), never the client's. A lock without
+///   expiry stores `expires_at` 9999-12-31T23:59:59.999Z and a null `ttl_ms`, and is reported
+///   without expiry.
 /// - **Consistency**: writes use `w: majority` (with [`MongoConfig::write_timeout`]); reads go to
 ///   the primary with `readConcern: majority` or `linearizable`
 ///   ([`MongoConfig::read_consistency`]), so `verify` and `status` never report ownership that a
@@ -360,8 +365,14 @@ fn removed_holder(key: &LockKey, doc: &Document) -> Result<Option<LockInfo>> {
     };
     let mut info = LockInfo::new(key.clone(), owner, token(doc)?);
     info.acquired_at = Some(system_time(date(doc, ACQUIRED_AT)?));
-    info.expires_at = Some(system_time(date(doc, EXPIRES_AT)?));
+    info.expires_at = expiry(doc)?.map(system_time);
     Ok(Some(info))
+}
+
+/// A holder's `expires_at`; `None` for a lock without expiry.
+fn expiry(doc: &Document) -> Result<Option<DateTime>> {
+    let expires = date(doc, EXPIRES_AT)?;
+    Ok((expires.timestamp_millis() != NEVER_MS).then_some(expires))
 }
 
 /// The holder described by a lock document read with [`with_now`], with its remaining time and
@@ -370,7 +381,9 @@ fn holder(key: &LockKey, doc: &Document) -> Result<Option<(LockInfo, bool)>> {
     let Some(mut info) = removed_holder(key, doc)? else {
         return Ok(None);
     };
-    let expires = date(doc, EXPIRES_AT)?;
+    let Some(expires) = expiry(doc)? else {
+        return Ok(Some((info, false)));
+    };
     let now = date(doc, NOW)?;
     let left = expires
         .timestamp_millis()
@@ -457,7 +470,11 @@ impl LockBackend for MongoBackend {
     async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
         self.ready().await?;
         let key = request.key();
-        let ttl_ms = millis(request.ttl());
+        let ttl_ms = request.ttl().map(millis);
+        let expires_at = match ttl_ms {
+            Some(ms) => Bson::Document(now_plus(ms)),
+            None => Bson::DateTime(DateTime::from_millis(NEVER_MS)),
+        };
         let attempt = uuid::Uuid::new_v4().simple().to_string();
         let free_or_expired = doc! {
             "_id": key.as_str(),
@@ -470,7 +487,7 @@ impl LockBackend for MongoBackend {
             OWNER: request.owner().as_str(),
             TOKEN: { "$add": [{ "$ifNull": [format!("${TOKEN}"), 0_i64] }, 1_i64] },
             ACQUIRED_AT: "$$NOW",
-            EXPIRES_AT: now_plus(ttl_ms),
+            EXPIRES_AT: expires_at,
             TTL_MS: ttl_ms,
             ATTEMPT: &attempt,
         } }];
@@ -512,8 +529,11 @@ impl LockBackend for MongoBackend {
             request.owner().clone(),
             token(&doc)?,
             system_time(date(&doc, ACQUIRED_AT)?),
-        )
-        .with_expiry(system_time(date(&doc, EXPIRES_AT)?), request.ttl());
+        );
+        let lease = match (expiry(&doc)?, request.ttl()) {
+            (Some(expires), Some(ttl)) => lease.with_expiry(system_time(expires), ttl),
+            _ => lease,
+        };
         tracing::debug!(%key, token = %lease.token, "MongoDB lock acquired");
         Ok(AcquireOutcome::Acquired(lease))
     }

@@ -91,7 +91,8 @@ impl Statements {
             exists: "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1"
                 .to_owned(),
             // One statement: insert a new key, or take over a free or expired one; the token
-            // counts on from the row's last value, so it never goes back.
+            // counts on from the row's last value, so it never goes back. A lock without expiry
+            // has a NULL ttl, so a NULL expiry (`NOW + NULL`), which is never `<=` anything.
             acquire: format!(
                 "INSERT INTO {t} (lock_key, owner, token, acquired_at_ms, expires_at_ms, ttl_ms)
                  VALUES (?1, ?2, 1, {NOW_MS}, {NOW_MS} + ?3, ?3)
@@ -115,11 +116,13 @@ impl Statements {
             ),
             verify: format!(
                 "SELECT count(*) FROM {t}
-                 WHERE lock_key = ?1 AND owner = ?2 AND token = ?3 AND expires_at_ms > {NOW_MS}"
+                 WHERE lock_key = ?1 AND owner = ?2 AND token = ?3
+                   AND (expires_at_ms IS NULL OR expires_at_ms > {NOW_MS})"
             ),
             release: format!(
                 "UPDATE {t} SET {cleared}
-                 WHERE lock_key = ?1 AND owner = ?2 AND token = ?3 AND expires_at_ms > {NOW_MS}"
+                 WHERE lock_key = ?1 AND owner = ?2 AND token = ?3
+                   AND (expires_at_ms IS NULL OR expires_at_ms > {NOW_MS})"
             ),
             status: format!(
                 "SELECT owner, token, acquired_at_ms, expires_at_ms, {NOW_MS}
@@ -127,7 +130,8 @@ impl Statements {
             ),
             list: format!(
                 "SELECT lock_key, owner, token, acquired_at_ms, expires_at_ms, {NOW_MS}
-                 FROM {t} WHERE owner IS NOT NULL AND expires_at_ms > {NOW_MS}
+                 FROM {t} WHERE owner IS NOT NULL
+                   AND (expires_at_ms IS NULL OR expires_at_ms > {NOW_MS})
                  ORDER BY lock_key"
             ),
             force: format!("UPDATE {t} SET {cleared} WHERE lock_key = ?1 AND owner IS NOT NULL"),
@@ -150,14 +154,15 @@ fn token(raw: i64) -> FencingToken {
     FencingToken::new(raw as u64)
 }
 
-/// A row of (owner, token, acquired_at_ms, expires_at_ms, now_ms) into lock information.
-fn info(key: &LockKey, row: (String, i64, i64, i64, i64)) -> Result<(LockInfo, bool)> {
+/// A row of (owner, token, acquired_at_ms, expires_at_ms, now_ms) into lock information, and
+/// whether it has expired. A lock without expiry has no `expires_at_ms`.
+fn info(key: &LockKey, row: Row) -> Result<(LockInfo, bool)> {
     let (owner, tok, acquired, expires, now) = row;
     let mut info = LockInfo::new(key.clone(), stored_owner(owner)?, token(tok));
     info.acquired_at = Some(time(acquired));
-    info.expires_at = Some(time(expires));
-    info.remaining = Some(Duration::from_millis((expires - now).max(0) as u64));
-    Ok((info, expires <= now))
+    info.expires_at = expires.map(time);
+    info.remaining = expires.map(|e| Duration::from_millis((e - now).max(0) as u64));
+    Ok((info, expires.is_some_and(|e| e <= now)))
 }
 
 fn stored_owner(owner: String) -> Result<OwnerId> {
@@ -234,7 +239,7 @@ fn immediate(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>> {
         .map_err(convert)
 }
 
-type Row = (String, i64, i64, i64, i64);
+type Row = (String, i64, i64, Option<i64>, i64);
 
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Row>> {
     let owner: Option<String> = r.get(0)?;
@@ -283,7 +288,7 @@ impl LockBackend for SqliteBackend {
         self.with(move |conn, sql| {
             let tx = immediate(conn)?;
             let key = request.key().as_str();
-            let ttl = millis(request.ttl());
+            let ttl = request.ttl().map(millis);
             let won = tx
                 .prepare_cached(&sql.acquire)
                 .and_then(|mut s| {
@@ -291,22 +296,25 @@ impl LockBackend for SqliteBackend {
                         Ok((
                             r.get::<_, i64>(0)?,
                             r.get::<_, i64>(1)?,
-                            r.get::<_, i64>(2)?,
+                            r.get::<_, Option<i64>>(2)?,
                         ))
                     })
                     .optional()
                 })
                 .map_err(convert)?;
             let outcome = match won {
-                Some((tok, acquired, expires)) => AcquireOutcome::Acquired(
-                    Lease::new(
+                Some((tok, acquired, expires)) => {
+                    let lease = Lease::new(
                         request.key().clone(),
                         request.owner().clone(),
                         token(tok),
                         time(acquired),
-                    )
-                    .with_expiry(time(expires), request.ttl()),
-                ),
+                    );
+                    AcquireOutcome::Acquired(match (expires, request.ttl()) {
+                        (Some(expires), Some(ttl)) => lease.with_expiry(time(expires), ttl),
+                        _ => lease,
+                    })
+                }
                 None => {
                     let row = tx
                         .prepare_cached(&sql.holder)

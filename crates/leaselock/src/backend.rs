@@ -49,11 +49,20 @@ pub trait LockBackend: Send + Sync + Debug {
 
     /// One attempt to acquire; never waits. A key held by anyone, the same owner included, is
     /// [`AcquireOutcome::Held`]: locks are not reentrant.
+    ///
+    /// A request without a lease duration ([`AcquireRequest::ttl`] is `None`, from
+    /// [`AcquireRequest::without_expiry`]) asks for a lock without expiry: a lease backend records
+    /// none, so the lock is held until its owner releases it or it is force-released. It never
+    /// expires, [`LockBackend::release_expired`] leaves it alone, no waiter takes it over, its
+    /// lease and [`LockInfo`] have no `expires_at`, `ttl` or `remaining`, and
+    /// [`LockBackend::list`] shows it. Session backends hold every lock as long as the session.
     async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome>;
 
     /// Extends a lease still held by its owner by its lease duration, returning the new lease.
     /// Fails with [`crate::Error::Lost`] when the lease is gone. Session locks check that their
-    /// session is alive and unchanged.
+    /// session is alive and unchanged. A lock without expiry has nothing to extend: the
+    /// orchestrator verifies it instead, and a lease backend may refuse to refresh it with
+    /// [`crate::Error::InvalidInput`].
     async fn refresh(&self, lease: &Lease) -> Result<Lease>;
 
     /// Whether `lease` (its owner and fencing token) still holds its key and has not expired.

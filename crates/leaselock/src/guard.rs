@@ -246,6 +246,8 @@ impl std::ops::Deref for LockGuard {
 pub(crate) struct GuardConfig {
     /// Refresh every this often; `None`: no refreshing, only watch the deadline and the session.
     pub(crate) refresh_every: Option<Duration>,
+    /// Verify ownership instead of refreshing (a lock without expiry on a lease backend).
+    pub(crate) verify_only: bool,
     /// How long a release retries transient errors.
     pub(crate) release_timeout: Duration,
     /// For a lease without expiry (a session lock) that is refreshed: how long it may go
@@ -278,9 +280,14 @@ impl LockGuard {
         config: GuardConfig,
     ) -> Self {
         // A session lock's liveness checks are its refreshes: bound them like a lease's.
-        let bound = lease
-            .ttl
-            .or_else(|| config.refresh_every.map(|_| config.session_bound));
+        // A lock without expiry on a lease backend cannot lapse while its holder is cut off, so
+        // it has no bound: only a force release (found by verifying) ends it.
+        let bound = match config.verify_only {
+            true => None,
+            false => lease
+                .ttl
+                .or_else(|| config.refresh_every.map(|_| config.session_bound)),
+        };
         let deadline = bound.map(|bound| sent_at + bound);
         let (lost_tx, rx) = watch::channel(None);
         let lost_watch = backend.watch_lost(&lease);
@@ -300,6 +307,7 @@ impl LockGuard {
                 Arc::clone(&held),
                 config.refresh_every,
                 bound,
+                config.verify_only,
                 lost_watch.unwrap_or_else(|| Box::pin(std::future::pending())),
             ))
         });
@@ -380,7 +388,11 @@ async fn release_held(held: &Held) -> Result<bool> {
             Ok(was_held)
         }
         Err(error) => {
-            tracing::error!(key = %lease.key, token = %lease.token, %error, "release failed; the lock stays held until its lease expires (or until force-released)");
+            if lease.ttl.is_some() {
+                tracing::error!(key = %lease.key, token = %lease.token, %error, "release failed; the lock stays held until its lease expires (or until force-released)");
+            } else {
+                tracing::error!(key = %lease.key, token = %lease.token, %error, "release failed; the lock has no expiry and stays held until force-released (or its session ends)");
+            }
             call_hook(
                 "error",
                 held.hooks
@@ -426,11 +438,13 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 const DEADLINE_REASON: &str = "the lease duration passed without a successful refresh";
 const SESSION_REASON: &str = "the backend reported the lease gone (session ended)";
 
-/// Keeps a lease alive until aborted or lost.
+/// Keeps a lease alive until aborted or lost. With `verify_only` (a lock without expiry), checks
+/// ownership instead of refreshing.
 async fn run_daemon(
     held: Arc<Held>,
     refresh_every: Option<Duration>,
     bound: Option<Duration>,
+    verify_only: bool,
     mut lost_watch: Wakeup,
 ) {
     let mut next_refresh = refresh_every.map(|every| Instant::now() + every);
@@ -450,8 +464,21 @@ async fn run_daemon(
         let Some(every) = refresh_every else { continue };
         let lease = held.lease();
         let sent_at = Instant::now();
+        let check = async {
+            if !verify_only {
+                return held.backend.refresh(&lease).await;
+            }
+            match held.backend.verify(&lease).await {
+                Ok(true) => Ok(lease.clone()),
+                Ok(false) => Err(Error::lost(
+                    &lease.key,
+                    "the backend no longer has this lock",
+                )),
+                Err(error) => Err(error),
+            }
+        };
         let outcome = tokio::select! {
-            outcome = held.backend.refresh(&lease) => outcome,
+            outcome = check => outcome,
             _ = &mut lost_watch => {
                 held.mark_lost(SESSION_REASON).await;
                 return;
@@ -476,7 +503,7 @@ async fn run_daemon(
             Err(error) => {
                 // Transient or not, the deadline decides: keep trying a few times before it.
                 let retry_in = (every / 4).max(Duration::from_millis(50));
-                tracing::warn!(key = %lease.key, %error, ?retry_in, "lease refresh failed; retrying");
+                tracing::warn!(key = %lease.key, %error, ?retry_in, "lease refresh (or check) failed; retrying");
                 call_hook(
                     "error",
                     held.hooks

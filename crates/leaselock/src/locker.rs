@@ -91,6 +91,7 @@ pub struct LockerBuilder {
     backend: Arc<dyn LockBackend>,
     enabled: bool,
     lease_duration: Duration,
+    expires: bool,
     refresh: bool,
     refresh_interval: Option<Duration>,
     wait: WaitPolicy,
@@ -108,6 +109,7 @@ impl fmt::Debug for LockerBuilder {
             .field("backend", &self.backend)
             .field("enabled", &self.enabled)
             .field("lease_duration", &self.lease_duration)
+            .field("expires", &self.expires)
             .field("refresh", &self.refresh)
             .field("refresh_interval", &self.refresh_interval)
             .field("wait", &self.wait)
@@ -134,6 +136,31 @@ impl LockerBuilder {
     /// even when its connection hangs.
     pub fn lease_duration(mut self, lease_duration: Duration) -> Self {
         self.lease_duration = lease_duration;
+        self
+    }
+
+    /// Whether locks expire. Default: `true`: a lock is a lease that the refresh daemon extends,
+    /// and that expires after one lease duration if its holder stops (crashes, hangs, loses the
+    /// network), so the lock is never stuck.
+    ///
+    /// `false`, asked for explicitly, takes locks without expiry
+    /// ([`crate::AcquireRequest::without_expiry`]): held until the owner releases them or an
+    /// operator force-releases them ([`Locker::force_release`]), also after the owner crashed
+    /// (session backends still free them when the session ends). Nothing is refreshed; the
+    /// daemon only verifies ownership every refresh interval, so the lost signal still fires
+    /// after a force release. The lease duration then only paces that check.
+    ///
+    /// ```
+    /// use leaselock::{Locker, MemoryBackend};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> leaselock::Result<()> {
+    /// let locker = Locker::builder(MemoryBackend::new()).expires(false).build()?;
+    /// let guard = locker.acquire("maintenance-window").await?.unwrap();
+    /// assert_eq!(guard.lease().unwrap().expires_at, None);
+    /// assert!(guard.release().await?);
+    /// # Ok(()) }
+    /// ```
+    pub fn expires(mut self, expires: bool) -> Self {
+        self.expires = expires;
         self
     }
 
@@ -241,6 +268,7 @@ impl LockerBuilder {
                 capabilities,
                 enabled: self.enabled,
                 lease_duration,
+                expires: self.expires,
                 refresh: self.refresh,
                 refresh_interval,
                 wait: self.wait,
@@ -280,6 +308,7 @@ struct Inner {
     capabilities: Capabilities,
     enabled: bool,
     lease_duration: Duration,
+    expires: bool,
     refresh: bool,
     refresh_interval: Duration,
     wait: WaitPolicy,
@@ -297,6 +326,7 @@ impl fmt::Debug for Locker {
             .field("backend", &i.backend)
             .field("enabled", &i.enabled)
             .field("lease_duration", &i.lease_duration)
+            .field("expires", &i.expires)
             .field("refresh", &i.refresh)
             .field("refresh_interval", &i.refresh_interval)
             .field("wait", &i.wait)
@@ -316,6 +346,7 @@ impl Locker {
             backend: Arc::new(backend),
             enabled: true,
             lease_duration: DEFAULT_LEASE_DURATION,
+            expires: true,
             refresh: true,
             refresh_interval: None,
             wait: WaitPolicy::default(),
@@ -336,6 +367,11 @@ impl Locker {
     /// The configured lease duration.
     pub fn lease_duration(&self) -> Duration {
         self.inner.lease_duration
+    }
+
+    /// Whether this locker's locks expire (see [`LockerBuilder::expires`]).
+    pub fn expires(&self) -> bool {
+        self.inner.expires
     }
 
     /// The backend's capabilities.
@@ -372,7 +408,11 @@ impl Locker {
             tracing::warn!(%key, "locking is DISABLED: running without a lock");
             return Ok(Some(LockGuard::disabled(key, i.owner.clone())));
         }
-        let request = AcquireRequest::new(key.clone(), i.owner.clone(), i.lease_duration)?;
+        let request = if i.expires {
+            AcquireRequest::new(key.clone(), i.owner.clone(), i.lease_duration)?
+        } else {
+            AcquireRequest::without_expiry(key.clone(), i.owner.clone())
+        };
         call_hook("before_acquire", i.hooks.before_acquire(&key, &i.owner)).await;
         let started = Instant::now();
         let mut attempt: u32 = 1;
@@ -454,6 +494,8 @@ impl Locker {
 
     fn guard(&self, lease: crate::Lease, sent_at: Instant) -> LockGuard {
         let i = &self.inner;
+        // A lock without expiry on a lease backend has nothing to refresh: verify it instead.
+        let verify_only = lease.ttl.is_none() && i.capabilities.kind == crate::LockKind::Lease;
         LockGuard::start(
             Arc::clone(&i.backend),
             Arc::clone(&i.hooks),
@@ -461,6 +503,7 @@ impl Locker {
             sent_at,
             GuardConfig {
                 refresh_every: i.refresh.then_some(i.refresh_interval),
+                verify_only,
                 release_timeout: i.release_timeout,
                 session_bound: i.lease_duration,
             },
@@ -470,8 +513,9 @@ impl Locker {
     /// Takes over a lease acquired elsewhere: lease hand-over. Another process serialized it
     /// (leases implement serde); this one refreshes it at once (the backend checks its owner and
     /// fencing token, so a lost or forged lease fails with [`Error::Lost`]) and from then on
-    /// refreshes, watches and releases it like its own. Session locks live on their holder's
-    /// connection and cannot be handed over ([`Error::InvalidInput`]).
+    /// refreshes, watches and releases it like its own. A lock without expiry is verified instead
+    /// of refreshed. Session locks live on their holder's connection and cannot be handed over
+    /// ([`Error::InvalidInput`]).
     ///
     /// ```
     /// use leaselock::{Lease, Locker, MemoryBackend};
@@ -496,19 +540,35 @@ impl Locker {
                 "session locks live on their holder's connection and cannot be handed over",
             ));
         }
-        let ttl = lease.ttl.ok_or_else(|| {
-            Error::invalid("lease", "a lease without a duration cannot be adopted")
-        })?;
-        validate_lease_duration("lease.ttl", ttl)?;
+        if let Some(ttl) = lease.ttl {
+            validate_lease_duration("lease.ttl", ttl)?;
+        } else if lease.expires_at.is_some() {
+            return Err(Error::invalid(
+                "lease",
+                "a lease with an expiry but without a duration cannot be adopted",
+            ));
+        }
         let sent_at = Instant::now();
-        let fresh = match i.backend.refresh(&lease).await {
+        let (op, outcome) = if lease.ttl.is_some() {
+            (Operation::Refresh, i.backend.refresh(&lease).await)
+        } else {
+            // A lock without expiry: nothing to extend, only ownership to check.
+            let verified = i.backend.verify(&lease).await.and_then(|held| {
+                if held {
+                    Ok(lease.clone())
+                } else {
+                    Err(Error::lost(
+                        &lease.key,
+                        "the lock is no longer held by this lease",
+                    ))
+                }
+            });
+            (Operation::Verify, verified)
+        };
+        let fresh = match outcome {
             Ok(fresh) => fresh,
             Err(error) => {
-                call_hook(
-                    "error",
-                    i.hooks.error(Operation::Refresh, Some(&lease.key), &error),
-                )
-                .await;
+                call_hook("error", i.hooks.error(op, Some(&lease.key), &error)).await;
                 return Err(error);
             }
         };
@@ -747,11 +807,14 @@ mod tests {
     use super::*;
     use crate::{Lease, MemoryBackend};
 
-    /// A memory backend whose first releases fail with a transient error.
+    /// A memory backend whose first releases fail with a transient error, and that (like most
+    /// lease backends) does not report lost leases on its own.
     #[derive(Debug)]
     struct FlakyRelease {
         inner: MemoryBackend,
         failures_left: AtomicU32,
+        /// While set, verify fails with a transient error (the database is unreachable).
+        unreachable: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait::async_trait]
@@ -772,6 +835,10 @@ mod tests {
             self.inner.refresh(lease).await
         }
         async fn verify(&self, lease: &Lease) -> Result<bool> {
+            if self.unreachable.load(Ordering::SeqCst) {
+                let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "down");
+                return Err(Error::transient("flaky", refused));
+            }
             self.inner.verify(lease).await
         }
         async fn release(&self, lease: &Lease) -> Result<bool> {
@@ -798,8 +865,8 @@ mod tests {
         async fn watch_release(&self, key: &LockKey) -> Result<Option<crate::Wakeup>> {
             self.inner.watch_release(key).await
         }
-        fn watch_lost(&self, lease: &Lease) -> Option<crate::Wakeup> {
-            self.inner.watch_lost(lease)
+        fn watch_lost(&self, _lease: &Lease) -> Option<crate::Wakeup> {
+            None
         }
     }
 
@@ -808,6 +875,7 @@ mod tests {
         let backend = FlakyRelease {
             inner: inner.clone(),
             failures_left: AtomicU32::new(failures),
+            unreachable: Default::default(),
         };
         (inner, backend)
     }
@@ -1254,5 +1322,105 @@ mod tests {
         }
         assert_eq!(ran, 1);
         assert_eq!(applied.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn locks_without_expiry_outlive_their_lease_duration() {
+        let store = MemoryBackend::new();
+        let locker = Locker::builder(store.clone())
+            .lease_duration(Duration::from_millis(50))
+            .expires(false)
+            .build()
+            .unwrap();
+        assert!(!locker.expires());
+        let guard = locker.acquire("k").await.unwrap().unwrap();
+        let lease = guard.lease().unwrap();
+        assert_eq!((lease.expires_at, lease.ttl), (None, None));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!guard.is_lost(), "{:?}", guard.lost().reason());
+        guard.ensure_held().await.unwrap();
+        let key = LockKey::new("k").unwrap();
+        let LockState::Held(info) = store.status(&key).await.unwrap() else {
+            panic!("held");
+        };
+        assert_eq!((info.expires_at, info.remaining), (None, None));
+        assert_eq!(store.release_expired().await.unwrap(), 0);
+        assert_eq!(store.list().await.unwrap().len(), 1);
+        let other = Locker::builder(store.clone()).build().unwrap();
+        assert!(matches!(other.acquire("k").await, Err(Error::Held { .. })));
+        // Only a force release frees it, and the holder learns of it.
+        assert!(store.force_release(&key).await.unwrap().is_some());
+        tokio::time::timeout(Duration::from_secs(5), guard.lost().wait())
+            .await
+            .expect("the lost signal fires after a force release");
+        assert!(!guard.release().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn lock_without_expiry_lost_without_notifications_is_found_by_verifying() {
+        // No lost notifications from this backend: the daemon's periodic verify must notice.
+        let (store, backend) = flaky(0);
+        let locker = Locker::builder(backend)
+            .lease_duration(Duration::from_millis(60))
+            .expires(false)
+            .build()
+            .unwrap();
+        let guard = locker.acquire("k").await.unwrap().unwrap();
+        assert!(store
+            .force_release(&LockKey::new("k").unwrap())
+            .await
+            .unwrap()
+            .is_some());
+        tokio::time::timeout(Duration::from_secs(5), guard.lost().wait())
+            .await
+            .expect("the lost signal fires");
+    }
+
+    #[tokio::test]
+    async fn locks_without_expiry_can_be_handed_over() {
+        let store = MemoryBackend::new();
+        let first = Locker::builder(store.clone())
+            .expires(false)
+            .build()
+            .unwrap();
+        let second = Locker::builder(store.clone())
+            .expires(false)
+            .build()
+            .unwrap();
+        let lease = first
+            .acquire("k")
+            .await
+            .unwrap()
+            .unwrap()
+            .hand_over()
+            .unwrap();
+        let adopted = second.adopt(lease.clone()).await.unwrap();
+        assert_eq!(adopted.token(), lease.token);
+        adopted.ensure_held().await.unwrap();
+        assert!(adopted.release().await.unwrap());
+        assert!(matches!(second.adopt(lease).await, Err(Error::Lost { .. })));
+    }
+
+    #[tokio::test]
+    async fn lock_without_expiry_survives_an_unreachable_backend() {
+        // It cannot lapse in the database, so being cut off from it is no reason to give it up.
+        let (store, backend) = flaky(0);
+        let backend = Arc::new(backend);
+        let locker = Locker::builder(Arc::clone(&backend))
+            .lease_duration(Duration::from_millis(60))
+            .expires(false)
+            .build()
+            .unwrap();
+        let guard = locker.acquire("k").await.unwrap().unwrap();
+        backend.unreachable.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!guard.is_lost(), "{:?}", guard.lost().reason());
+        backend.unreachable.store(false, Ordering::SeqCst);
+        guard.ensure_held().await.unwrap();
+        assert!(guard.release().await.unwrap());
+        assert_eq!(
+            store.status(&LockKey::new("k").unwrap()).await.unwrap(),
+            LockState::Free
+        );
     }
 }

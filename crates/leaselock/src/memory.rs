@@ -55,14 +55,15 @@ struct Holder {
     owner: OwnerId,
     token: FencingToken,
     acquired_at: SystemTime,
-    ttl: Duration,
-    expires: Instant,
-    expires_at: SystemTime,
+    /// `None` for a lock without expiry (and then `expires` and `expires_at` are `None` too).
+    ttl: Option<Duration>,
+    expires: Option<Instant>,
+    expires_at: Option<SystemTime>,
 }
 
 impl Holder {
     fn is_expired(&self, now: Instant) -> bool {
-        self.expires <= now
+        self.expires.is_some_and(|expires| expires <= now)
     }
 
     fn matches(&self, lease: &Lease) -> bool {
@@ -72,19 +73,24 @@ impl Holder {
     fn info(&self, key: &LockKey, now: Instant) -> LockInfo {
         let mut info = LockInfo::new(key.clone(), self.owner.clone(), self.token);
         info.acquired_at = Some(self.acquired_at);
-        info.expires_at = Some(self.expires_at);
-        info.remaining = Some(self.expires.saturating_duration_since(now));
+        info.expires_at = self.expires_at;
+        info.remaining = self
+            .expires
+            .map(|expires| expires.saturating_duration_since(now));
         info
     }
 
     fn lease(&self, key: &LockKey) -> Lease {
-        Lease::new(
+        let lease = Lease::new(
             key.clone(),
             self.owner.clone(),
             self.token,
             self.acquired_at,
-        )
-        .with_expiry(self.expires_at, self.ttl)
+        );
+        match (self.expires_at, self.ttl) {
+            (Some(expires_at), Some(ttl)) => lease.with_expiry(expires_at, ttl),
+            _ => lease,
+        }
     }
 }
 
@@ -178,8 +184,8 @@ impl LockBackend for MemoryBackend {
             token: FencingToken::new(entry.last_token),
             acquired_at: wall,
             ttl: request.ttl(),
-            expires: now + request.ttl(),
-            expires_at: wall + request.ttl(),
+            expires: request.ttl().map(|ttl| now + ttl),
+            expires_at: request.ttl().map(|ttl| wall + ttl),
         };
         let lease = holder.lease(request.key());
         entry.holder = Some(holder);
@@ -195,10 +201,14 @@ impl LockBackend for MemoryBackend {
         let now = Instant::now();
         let mut keys = self.keys()?;
         match keys.get_mut(&lease.key).and_then(|e| e.holder.as_mut()) {
+            Some(holder) if holder.matches(lease) && holder.ttl.is_none() => Err(Error::invalid(
+                "lease",
+                "a lock without expiry has nothing to refresh",
+            )),
             Some(holder) if holder.matches(lease) && !holder.is_expired(now) => {
-                holder.ttl = ttl;
-                holder.expires = now + ttl;
-                holder.expires_at = SystemTime::now() + ttl;
+                holder.ttl = Some(ttl);
+                holder.expires = Some(now + ttl);
+                holder.expires_at = Some(SystemTime::now() + ttl);
                 Ok(holder.lease(&lease.key))
             }
             Some(holder) if holder.matches(lease) => {

@@ -308,6 +308,10 @@ impl fmt::Display for FencingToken {
 
 /// One attempt to acquire a key, as a backend receives it. Built only from valid parts.
 ///
+/// A lease ([`AcquireRequest::new`]) expires unless refreshed; a lock without expiry
+/// ([`AcquireRequest::without_expiry`]) is held until its owner releases it or someone forces it
+/// free. Every backend must tell them apart: [`AcquireRequest::ttl`] is `None` for the second.
+///
 /// ```
 /// use std::time::Duration;
 /// use leaselock::{AcquireRequest, LockKey, OwnerId};
@@ -316,14 +320,16 @@ impl fmt::Display for FencingToken {
 ///     OwnerId::new("me")?,
 ///     Duration::from_secs(30),
 /// )?;
-/// assert_eq!(req.ttl(), Duration::from_secs(30));
+/// assert_eq!(req.ttl(), Some(Duration::from_secs(30)));
+/// let forever = AcquireRequest::without_expiry(LockKey::new("job")?, OwnerId::new("me")?);
+/// assert_eq!(forever.ttl(), None);
 /// # Ok::<(), leaselock::Error>(())
 /// ```
 #[derive(Clone, Debug)]
 pub struct AcquireRequest {
     key: LockKey,
     owner: OwnerId,
-    ttl: Duration,
+    ttl: Option<Duration>,
 }
 
 impl AcquireRequest {
@@ -331,7 +337,22 @@ impl AcquireRequest {
     /// [`validate_lease_duration`], field `ttl`).
     pub fn new(key: LockKey, owner: OwnerId, ttl: Duration) -> Result<Self> {
         validate_lease_duration("ttl", ttl)?;
-        Ok(Self { key, owner, ttl })
+        Ok(Self {
+            key,
+            owner,
+            ttl: Some(ttl),
+        })
+    }
+
+    /// A request for a lock on `key` by `owner` that never expires: the backend records no
+    /// expiry, so the lock stays held until its owner releases it or it is force-released, also
+    /// if the owner crashes (session backends still free it when the session ends).
+    pub fn without_expiry(key: LockKey, owner: OwnerId) -> Self {
+        Self {
+            key,
+            owner,
+            ttl: None,
+        }
     }
 
     /// The key to acquire.
@@ -344,9 +365,10 @@ impl AcquireRequest {
         &self.owner
     }
 
-    /// How long the lease lasts unless refreshed. Session backends hold the lock as long as the
-    /// session instead.
-    pub fn ttl(&self) -> Duration {
+    /// How long the lease lasts unless refreshed; `None` for a lock without expiry, which must
+    /// never expire, be released as expired or be taken over. Session backends hold the lock as
+    /// long as the session either way.
+    pub fn ttl(&self) -> Option<Duration> {
         self.ttl
     }
 }
@@ -378,14 +400,14 @@ pub struct Lease {
     /// When this acquisition happened.
     pub acquired_at: SystemTime,
     /// When the lease expires unless refreshed; `None` for session locks, which live as long as
-    /// their connection.
+    /// their connection, and for locks without expiry.
     pub expires_at: Option<SystemTime>,
-    /// The lease duration used for refreshes; `None` for session locks.
+    /// The lease duration used for refreshes; `None` for session locks and locks without expiry.
     pub ttl: Option<Duration>,
 }
 
 impl Lease {
-    /// A lease without expiry (a session lock).
+    /// A lease without expiry (a session lock, or a lock without expiry).
     pub fn new(key: LockKey, owner: OwnerId, token: FencingToken, acquired_at: SystemTime) -> Self {
         Self {
             key,
@@ -425,10 +447,10 @@ pub struct LockInfo {
     pub token: FencingToken,
     /// When it was acquired, if the backend records it.
     pub acquired_at: Option<SystemTime>,
-    /// When it expires (or expired); `None` for session locks.
+    /// When it expires (or expired); `None` for session locks and locks without expiry.
     pub expires_at: Option<SystemTime>,
     /// Time left before expiry by the clock that decides expiry, at the moment of reading; zero
-    /// once expired; `None` for session locks.
+    /// once expired; `None` for session locks and locks without expiry.
     pub remaining: Option<Duration>,
 }
 

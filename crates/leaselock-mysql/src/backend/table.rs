@@ -16,6 +16,11 @@ use crate::config::{MysqlConfig, Strategy};
 
 const NAME: &str = "mysql-table";
 
+/// The expiry of a lock without expiry: the largest `DATETIME(6)`.
+const NEVER: &str = "CAST('9999-12-31 23:59:59.999999' AS DATETIME(6))";
+/// [`NEVER`] in microseconds since the Unix epoch, as read back.
+const NEVER_US: i64 = 253_402_300_799_999_999;
+
 /// Leases in a table, expiring by the database server's clock (`UTC_TIMESTAMP(6)`, so the
 /// session's time zone never matters).
 ///
@@ -29,6 +34,10 @@ const NAME: &str = "mysql-table";
 ///
 /// The times of a returned [`Lease`] are this process's estimate (the clock at sending plus the
 /// lease duration); [`LockBackend::status`] reports the server's.
+///
+/// A lock without expiry stores the largest `DATETIME(6)`, `9999-12-31 23:59:59.999999`, as its
+/// expiry (`NULL` means free here), which no comparison with the clock ever passes; it is reported
+/// without expiry.
 ///
 /// No notifications: waiters poll, and a holder learns of a loss at its next refresh (or its local
 /// deadline). Works through proxies and poolers that do not keep sessions.
@@ -101,12 +110,12 @@ impl Sql {
             // a held row is left as it is (affected rows 0).
             acquire: format!(
                 "INSERT INTO {table} (lock_key, token, owner, acquired_at, expires_at) \
-                 VALUES (?, 1, ?, {now}, {now} + INTERVAL ? MICROSECOND) \
+                 VALUES (?, 1, ?, {now}, COALESCE({now} + INTERVAL ? MICROSECOND, {NEVER})) \
                  ON DUPLICATE KEY UPDATE \
                  token = IF({free}, LAST_INSERT_ID(token + 1), token), \
                  owner = IF({free}, ?, owner), \
                  acquired_at = IF({free}, {now}, acquired_at), \
-                 expires_at = IF({free}, {now} + INTERVAL ? MICROSECOND, expires_at)"
+                 expires_at = IF({free}, COALESCE({now} + INTERVAL ? MICROSECOND, {NEVER}), expires_at)"
             ),
             refresh: format!(
                 "UPDATE {table} SET expires_at = {now} + INTERVAL ? MICROSECOND \
@@ -169,6 +178,9 @@ impl MysqlTableBackend {
             FencingToken::new(token),
         );
         info.acquired_at = acquired.map(system_time);
+        if expires == Some(NEVER_US) {
+            return Ok(LockState::Held(info)); // a lock without expiry
+        }
         info.expires_at = expires.map(system_time);
         let left = expires.map_or(0, |expires| expires.saturating_sub(now));
         info.remaining = Some(Duration::from_micros(u64::try_from(left).unwrap_or(0)));
@@ -217,7 +229,8 @@ impl LockBackend for MysqlTableBackend {
         let shared = self.shared();
         let key = request.key().as_str();
         let owner = request.owner().as_str();
-        let ttl = micros(request.ttl());
+        // `NULL` for a lock without expiry, which then gets `NEVER`.
+        let ttl = request.ttl().map(micros);
         let sent = SystemTime::now();
         let mut conn = shared.conn().await?;
         conn.exec_drop(&self.inner.sql.acquire, (key, owner, ttl, owner, ttl))
@@ -244,15 +257,16 @@ impl LockBackend for MysqlTableBackend {
             }
         };
         tracing::trace!(key, token, "lease acquired");
-        Ok(AcquireOutcome::Acquired(
-            Lease::new(
-                request.key().clone(),
-                request.owner().clone(),
-                FencingToken::new(token),
-                sent,
-            )
-            .with_expiry(sent + request.ttl(), request.ttl()),
-        ))
+        let lease = Lease::new(
+            request.key().clone(),
+            request.owner().clone(),
+            FencingToken::new(token),
+            sent,
+        );
+        Ok(AcquireOutcome::Acquired(match request.ttl() {
+            Some(ttl) => lease.with_expiry(sent + ttl, ttl),
+            None => lease,
+        }))
     }
 
     async fn refresh(&self, lease: &Lease) -> Result<Lease> {

@@ -152,7 +152,9 @@ impl LockBackend for PgTableBackend {
               WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM attempt)",
             t = self.t()
         );
-        let ttl = millis(request.ttl());
+        // A lock without expiry binds a NULL duration: `now() + NULL` is a NULL expiry, which
+        // no `expires_at <= now()` ever matches.
+        let ttl = request.ttl().map(millis);
         let rows = self
             .shared
             .query(
@@ -175,19 +177,21 @@ impl LockBackend for PgTableBackend {
         if acquired {
             let info = info.ok_or_else(|| Error::permanent(NAME, "acquired without an owner"))?;
             let acquired_at = info.acquired_at.unwrap_or(now);
-            let expires_at = info.expires_at.unwrap_or(now + request.ttl());
             let lease = Lease::new(
                 request.key().clone(),
                 request.owner().clone(),
                 info.token,
                 acquired_at,
-            )
-            .with_expiry(expires_at, request.ttl());
+            );
+            let lease = match request.ttl() {
+                Some(ttl) => lease.with_expiry(info.expires_at.unwrap_or(now + ttl), ttl),
+                None => lease,
+            };
             return Ok(AcquireOutcome::Acquired(lease));
         }
         // Held: report the holder unless the row we read was already free or expired (a race).
         Ok(AcquireOutcome::Held(
-            info.filter(|i| i.remaining.is_some_and(|r| !r.is_zero())),
+            info.filter(|i| i.remaining.is_none_or(|r| !r.is_zero())),
         ))
     }
 
@@ -253,7 +257,8 @@ impl LockBackend for PgTableBackend {
     async fn verify(&self, lease: &Lease) -> Result<bool> {
         let sql = format!(
             "SELECT EXISTS (SELECT 1 FROM {t} \
-               WHERE key = $1 AND owner = $2 AND token = $3 AND expires_at > now())",
+               WHERE key = $1 AND owner = $2 AND token = $3 \
+                 AND (expires_at IS NULL OR expires_at > now()))",
             t = self.t()
         );
         let raw_token = lease.token.get() as i64;
@@ -276,7 +281,8 @@ impl LockBackend for PgTableBackend {
         let sql = format!(
             "WITH r AS ( \
                UPDATE {t} SET owner = NULL, acquired_at = NULL, expires_at = NULL \
-                WHERE key = $1 AND owner = $2 AND token = $3 AND expires_at > now() \
+                WHERE key = $1 AND owner = $2 AND token = $3 \
+                  AND (expires_at IS NULL OR expires_at > now()) \
                RETURNING key \
              ), n AS MATERIALIZED (SELECT pg_notify($4, r.key) FROM r) \
              SELECT (SELECT count(*) FROM r) AS released, (SELECT count(*) FROM n) AS notified",
@@ -322,7 +328,8 @@ impl LockBackend for PgTableBackend {
     async fn list(&self) -> Result<Vec<LockInfo>> {
         let sql = format!(
             "SELECT key, owner, token, acquired_at, expires_at, now() AS now FROM {t} \
-              WHERE owner IS NOT NULL AND expires_at > now() ORDER BY key COLLATE \"C\"",
+              WHERE owner IS NOT NULL AND (expires_at IS NULL OR expires_at > now()) \
+              ORDER BY key COLLATE \"C\"",
             t = self.t()
         );
         let rows = self.shared.query("list", &sql, &[]).await?;
