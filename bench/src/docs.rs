@@ -243,8 +243,10 @@ fn charts(report: &Report) -> Vec<(&'static str, Chart)> {
                 label: b.name.to_owned(),
                 values: vec![Some(s.cpu_share_of_one_core * 100.0)],
                 labels: vec![format!(
-                    "{:.2}% of one core, RSS {:.0} MiB, {:.0} refreshes/s, {} lost",
+                    "{:.2}% of one core, {} of {} held, RSS {:.0} MiB, {:.0} refreshes/s, {} lost",
                     s.cpu_share_of_one_core * 100.0,
+                    s.acquired,
+                    s.leases,
                     s.rss_window_max_mib,
                     s.refreshes_per_s,
                     s.lost
@@ -595,7 +597,7 @@ fn markdown(report: &Report, notes: &str) -> String {
     );
     let _ = writeln!(
         s,
-        "| backend | leases | CPU (share of one core) | RSS before | RSS max while held | refreshes/s | refresh errors | lost | acquiring took |"
+        "| backend | leases acquired | CPU (share of one core) | RSS before | RSS max while held | refreshes/s | refresh errors | lost | acquiring took |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     for b in ran(report) {
@@ -603,8 +605,9 @@ fn markdown(report: &Report, notes: &str) -> String {
             Some(sc) => {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {:.2}% | {:.0} MiB | {:.0} MiB | {:.0} | {} | {} | {:.1} s |",
+                    "| {} | {} of {} | {:.2}% | {:.0} MiB | {:.0} MiB | {:.0} | {} | {} | {:.1} s |",
                     b.name,
+                    sc.acquired,
                     sc.leases,
                     sc.cpu_share_of_one_core * 100.0,
                     sc.rss_before_mib,

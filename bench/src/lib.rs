@@ -84,6 +84,10 @@ pub struct Config {
     pub scale_lease: Duration,
     /// How long CPU and memory are watched while they are held. Default 60 s.
     pub scale_duration: Duration,
+    /// Run each backend's scale measure in a fresh process of this executable (the harness's
+    /// binary), so that its CPU time and resident memory are its own and not what earlier
+    /// measures left behind in this process. Default: `None`, in this process.
+    pub scale_in_child: Option<PathBuf>,
     /// Where the SQLite database file is created (a temporary directory inside it). Default: the
     /// system's temporary directory.
     pub scratch: Option<PathBuf>,
@@ -104,6 +108,7 @@ impl Default for Config {
             scale_leases: 10_000,
             scale_lease: Duration::from_secs(30),
             scale_duration: Duration::from_secs(60),
+            scale_in_child: None,
             scratch: None,
         }
     }

@@ -102,7 +102,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    let config = Config {
+    let mut config = Config {
         backends: if backends.is_empty() {
             BackendId::ALL.to_vec()
         } else {
@@ -123,8 +123,15 @@ fn main() -> ExitCode {
         scale_leases: cli.scale_leases.max(1),
         scale_lease: cli.scale_lease,
         scale_duration: cli.scale_duration,
+        scale_in_child: None,
         scratch: Some(root().join("target/bench")),
     };
+    // Scale alone on one backend is already a fresh process; otherwise give it one.
+    if config.measures.contains(&Measure::Scale)
+        && (config.measures.len() > 1 || config.backends.len() > 1)
+    {
+        config.scale_in_child = std::env::current_exe().ok();
+    }
     let command = std::env::var("LEASELOCK_BENCH_COMMAND").unwrap_or_else(|_| {
         let args: Vec<String> = std::env::args().skip(1).collect();
         format!(

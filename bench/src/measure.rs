@@ -172,6 +172,14 @@ async fn run_backend(
                     config.scale_leases, config.scale_leases
                 ),
             }
+        } else if let Some(exe) = &config.scale_in_child {
+            measured(
+                id,
+                "scale (in a fresh process)",
+                scale_in_child(exe, config, id),
+            )
+            .await
+            .flatten()
         } else {
             measured(id, "scale", scale(config, &target, run)).await
         };
@@ -596,6 +604,8 @@ async fn contention(config: &Config, target: &Target, run: &str) -> Result<Vec<C
             let (locker, names, tally) = (locker.clone(), Arc::clone(&names), Arc::clone(&tally));
             set.spawn(async move {
                 while Instant::now() < deadline {
+                    // Lets the other workers run even when the backend never waits (memory).
+                    tokio::task::yield_now().await;
                     let key = &names[fastrand::usize(..names.len())];
                     tally.attempts.fetch_add(1, Ordering::Relaxed);
                     match locker.acquire(key).await {
@@ -633,6 +643,7 @@ async fn contention(config: &Config, target: &Target, run: &str) -> Result<Vec<C
             let (names, tally) = (Arc::clone(&floor_names), Arc::clone(&tally));
             set.spawn(async move {
                 while Instant::now() < deadline {
+                    tokio::task::yield_now().await;
                     let key = &names[fastrand::usize(..names.len())];
                     tally.attempts.fetch_add(1, Ordering::Relaxed);
                     tally.statements.fetch_add(1, Ordering::Relaxed);
@@ -676,6 +687,36 @@ async fn contention(config: &Config, target: &Target, run: &str) -> Result<Vec<C
         });
     }
     Ok(shapes)
+}
+
+/// Measure 5 in a fresh process of the harness (`exe BACKEND --only scale`), so that its CPU
+/// time and memory are its own, not what earlier measures left in this process's heap.
+async fn scale_in_child(
+    exe: &std::path::Path,
+    config: &Config,
+    id: BackendId,
+) -> Result<Outcome<Scale>> {
+    let dir = tempfile::tempdir()?;
+    let json = dir.path().join("scale.json");
+    let status = tokio::process::Command::new(exe)
+        .arg(id.name())
+        .args(["--only", "scale", "--json"])
+        .arg(&json)
+        .arg("--scale-leases")
+        .arg(config.scale_leases.to_string())
+        .arg("--scale-lease")
+        .arg(humantime::format_duration(config.scale_lease).to_string())
+        .arg("--scale-duration")
+        .arg(humantime::format_duration(config.scale_duration).to_string())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status()
+        .await?;
+    if !status.success() {
+        return Err(format!("the scale process failed: {status}").into());
+    }
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+    Ok(serde_json::from_value(doc["backends"][0]["scale"].clone())?)
 }
 
 /// A backend that counts the refreshes going through it.
@@ -751,30 +792,65 @@ async fn scale(config: &Config, target: &Target, run: &str) -> Result<Scale> {
     let rss_before = machine::rss_mib();
     let acquiring = Instant::now();
     let guards: Arc<Mutex<Vec<LockGuard>>> = Arc::default();
-    {
+    // A backend that cannot keep up (refreshes of the leases already held starving the next
+    // acquisitions) must not stall the run: hold what was acquired by then, and say so.
+    let limit = (config.scale_duration * 2).max(Duration::from_secs(180));
+    let progress = {
+        let (guards, id, n) = (Arc::clone(&guards), target.id, config.scale_leases);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(15)).await;
+                let held = guards.lock().unwrap_or_else(|p| p.into_inner()).len();
+                say(id, format!("scale: {held} of {n} leases acquired so far"));
+            }
+        })
+    };
+    let acquisition = {
         let (locker, guards) = (locker.clone(), Arc::clone(&guards));
         let names: Vec<String> = (0..config.scale_leases)
             .map(|i| format!("bench-{run}-scale-{i}"))
             .collect();
-        for_each_limited(names, 32, move |name| {
-            let (locker, guards) = (locker.clone(), Arc::clone(&guards));
-            async move {
-                let guard = locker
-                    .acquire(&name)
-                    .await?
-                    .ok_or("acquire returned no guard")?;
-                guards.lock().unwrap_or_else(|p| p.into_inner()).push(guard);
-                Ok(())
-            }
-        })
-        .await?;
-    }
+        tokio::time::timeout(
+            limit,
+            for_each_limited(names, 32, move |name| {
+                let (locker, guards) = (locker.clone(), Arc::clone(&guards));
+                async move {
+                    let guard = locker
+                        .acquire(&name)
+                        .await?
+                        .ok_or("acquire returned no guard")?;
+                    guards.lock().unwrap_or_else(|p| p.into_inner()).push(guard);
+                    Ok(())
+                }
+            }),
+        )
+        .await
+    };
+    progress.abort();
     let acquire_s = acquiring.elapsed().as_secs_f64();
+    let acquired = guards.lock().unwrap_or_else(|p| p.into_inner()).len();
+    match acquisition {
+        Ok(outcome) => outcome?,
+        Err(_) => say(
+            target.id,
+            format!(
+                "scale: only {acquired} of {} leases acquired in {limit:?}; holding those",
+                config.scale_leases
+            ),
+        ),
+    }
+    let lost_before_window = guards
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|g| g.is_lost())
+        .count();
     say(
         target.id,
         format!(
-            "scale: {} leases acquired in {acquire_s:.1} s; watching for {:?}",
-            config.scale_leases, config.scale_duration
+            "scale: {acquired} leases acquired in {acquire_s:.1} s ({lost_before_window} already \
+             lost); watching for {:?}",
+            config.scale_duration
         ),
     );
     let rss_start = machine::rss_mib();
@@ -802,6 +878,8 @@ async fn scale(config: &Config, target: &Target, run: &str) -> Result<Scale> {
     .await?;
     Ok(Scale {
         leases: config.scale_leases,
+        acquired,
+        lost_before_window,
         lease_duration_s: config.scale_lease.as_secs_f64(),
         refresh_interval_s: config.scale_lease.as_secs_f64() / 3.0,
         acquire_s,

@@ -98,6 +98,7 @@ async fn the_harness_measures_every_reachable_backend() {
             assert_eq!(scale["status"], "ran", "{name}: {scale}");
             let s = &scale["result"];
             assert_eq!(s["leases"], 20, "{name}");
+            assert_eq!(s["acquired"], 20, "{name}");
             assert!(s["rss_window_max_mib"].as_f64().unwrap() > 0.0, "{name}");
             assert!(
                 s["cpu_share_of_one_core"].as_f64().unwrap() >= 0.0,
