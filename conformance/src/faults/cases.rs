@@ -641,8 +641,8 @@ async fn cycle_owners(
 /// First a long outage (longer than a lease): the holder is told (its lost signal fires: at its
 /// local deadline, or at once when its session ends), and an owner waiting meanwhile gets the
 /// lock only after that, with a higher token. Then three owners cycle on one key through two quick
-/// restarts: no two of them ever believe they hold the lock at the same moment, and tokens keep
-/// increasing. Runs against a separate server the case starts itself
+/// restarts (with 5 s leases that outlast them): no two of them ever believe they hold the lock at
+/// the same moment, and tokens keep increasing. Runs against a separate server the case starts itself
 /// ([`super::FaultTarget::start_server`]), never the shared one.
 pub async fn server_restart_no_double_owner(f: Faults) {
     let t = f.target();
@@ -729,7 +729,14 @@ pub async fn server_restart_no_double_owner(f: Faults) {
     let _ = next.release().await;
     drop(guard);
 
-    // 2. Quick restarts under contention.
+    // 2. Quick restarts under contention. Leases long enough to outlast a quick restart: this
+    // part is about the restart itself (sessions end, connections break, refreshes fail and
+    // retry), not about expiry, which the outage above covered.
+    let (lease, refresh) = if is_session(&caps) {
+        (lease, refresh)
+    } else {
+        (Duration::from_secs(5), REFRESH)
+    };
     let key = fresh_key("fault_restart_cycle");
     let mut backends = Vec::new();
     for _ in 0..3 {
@@ -811,7 +818,14 @@ async fn skew_database_clock(f: &Faults, url: &str, skew: &str) -> String {
     let probe = f.target().connect(url).await.expect("connect");
     let caps = probe.capabilities();
     let session = is_session(&caps);
-    let (lease, refresh) = timing(&caps);
+    // Leases long enough that only a clock bug, never a slow machine, ends one early: a holder
+    // whose -30 s clock decided its expiry would lose it at once, a +30 s one would keep it 30 s
+    // too long.
+    let (lease, refresh) = if session {
+        timing(&caps)
+    } else {
+        (Duration::from_secs(5), REFRESH)
+    };
 
     // (a) The holder's clock is skewed.
     let key = fresh_key("fault_skew_holder");
@@ -832,7 +846,7 @@ async fn skew_database_clock(f: &Faults, url: &str, skew: &str) -> String {
     let req = request(&key, &owner("true-clock"), LONG);
     let watch_from = Instant::now();
     let mut refused = 0;
-    while watch_from.elapsed() < lease * 2 {
+    while watch_from.elapsed() < Duration::from_secs(4) {
         match probe.try_acquire(&req).await.expect("try_acquire") {
             AcquireOutcome::Held(_) => refused += 1,
             AcquireOutcome::Acquired(lease) => panic!(
@@ -879,7 +893,7 @@ async fn skew_database_clock(f: &Faults, url: &str, skew: &str) -> String {
             key: key.to_string(),
             lease,
             interval: Duration::from_millis(20),
-            limit: lease * 2,
+            limit: Duration::from_secs(4),
         },
         url,
         Some(skew),
