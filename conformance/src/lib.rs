@@ -33,13 +33,13 @@
 //! ```
 //!
 //! Every case uses fresh random keys (and namespaces), so the cases run in parallel against one
-//! server.
+//! server. A setup function for a real server should use [`server_url`], which skips loudly when
+//! the server's variable is unset, and fails under `CI=true`, where every backend is required.
 //!
 //! Fault cases (killed, paused and partitioned holders, server restarts, skewed clocks, a soak
 //! across processes) live in [`faults`], with their own trait [`faults::FaultTarget`] and macro
 //! [`fault_tests!`]; [`proxy`] is the TCP proxy that makes partitions and [`servers`] starts
-//! separate database servers a test may restart. A setup function for a real server should use [`server_url`], which skips loudly when
-//! the server's variable is unset, and fails under `CI=true`, where every backend is required.
+//! separate database servers a test may restart.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,8 +1,8 @@
 //! Fault cases: crashed, paused and partitioned holders, server restarts, skewed clocks and a
 //! soak across processes, checking that nothing is ever granted twice.
 //!
-//! The cases are plain async functions over [`Faults`] (in [`cases`]); [`fault_tests!`](crate::fault_tests!) turns
-//! them into one `#[test]` each. A backend crate's `tests/faults.rs` implements [`FaultTarget`],
+//! The cases are plain async functions over [`Faults`] (in [`cases`]);
+//! [`fault_tests!`](crate::fault_tests!) turns them into one `#[test]` each. A backend crate's `tests/faults.rs` implements [`FaultTarget`],
 //! which supplies the means (a URL that holder processes open with the crate's `from_url`, the
 //! server's address for a partitioning [`crate::proxy::Proxy`], a separate server the test may
 //! restart), and invokes the macro with a setup function:
