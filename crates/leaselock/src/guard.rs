@@ -19,7 +19,8 @@ use crate::types::{FencingToken, Lease, LockKey, OwnerId};
 /// `tokio::select!` beside the work, or poll [`LostSignal::is_lost`] between steps.
 ///
 /// It fires when the refresh daemon's refresh finds the lease gone, when the local deadline (the
-/// lease duration, measured from before the last successful acquire or refresh was sent) passes
+/// lease duration less a tenth of it, at most a second, measured from before the last successful
+/// acquire or refresh was sent) passes
 /// without a successful refresh (even if the database is unreachable), when a session backend sees
 /// its connection end, or when [`LockContext::ensure_held`] finds the lease gone. It never fires
 /// after a normal release.
@@ -288,7 +289,7 @@ impl LockGuard {
                 .ttl
                 .or_else(|| config.refresh_every.map(|_| config.session_bound)),
         };
-        let deadline = bound.map(|bound| sent_at + bound);
+        let deadline = bound.map(|bound| local_deadline(sent_at, bound));
         let (lost_tx, rx) = watch::channel(None);
         let lost_watch = backend.watch_lost(&lease);
         let held = Arc::new(Held {
@@ -428,6 +429,15 @@ impl Drop for LockGuard {
     }
 }
 
+/// When the holder stops trusting a lease sent for at `sent_at`: a tenth of the lease (at most a
+/// second) before the database's expiry can come. The server's lease runs from the request's
+/// arrival, so `sent_at + lease` is already no later than the server's expiry; the margin makes
+/// the lost signal reach the work before another owner's acquisition can, even when this
+/// process is slow to run its timer.
+pub(crate) fn local_deadline(sent_at: Instant, lease: Duration) -> Instant {
+    sent_at + lease - (lease / 10).min(Duration::from_secs(1))
+}
+
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -492,7 +502,7 @@ async fn run_daemon(
             Ok(fresh) => {
                 tracing::trace!(key = %fresh.key, "lease refreshed");
                 *held.deadline.lock().unwrap_or_else(|p| p.into_inner()) =
-                    fresh.ttl.or(bound).map(|ttl| sent_at + ttl);
+                    fresh.ttl.or(bound).map(|ttl| local_deadline(sent_at, ttl));
                 *held.lease.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
                 next_refresh = Some(Instant::now() + every);
             }
