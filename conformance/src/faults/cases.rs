@@ -560,6 +560,74 @@ async fn partition(f: Faults, strict: bool) {
     assert!(winner.release(&next).await.expect("release"));
 }
 
+/// The work asks its guard whether the lock is still held ([`leaselock::LockContext::ensure_held`],
+/// the check before each write) right after a silent partition cut the holder off. The answer is
+/// an error (the lease is lost, or the backend cannot tell), and it comes by the time the guard
+/// itself knows the lease is gone: its local deadline, a lease after the last successful refresh
+/// (the bound allows a refresh interval and 5 s more), not whenever the driver gives up.
+pub async fn partitioned_holder_check_returns(f: Faults) {
+    let t = f.target();
+    let Some((via_proxy, proxy)) = t.proxied_backend().await.expect("a proxied backend") else {
+        let caps = t.connect(&t.url()).await.expect("connect").capabilities();
+        not_applicable(caps.backend, "partitioned_check", "no network to cut");
+        return;
+    };
+    let caps = via_proxy.capabilities();
+    let (lease, refresh) = timing(&caps);
+    let locker = Locker::builder(Arc::clone(&via_proxy))
+        .lease_duration(lease)
+        .refresh_interval(refresh)
+        .build()
+        .expect("a locker");
+    let key = fresh_key("fault_partition_check");
+    let guard = locker
+        .acquire(key.as_str())
+        .await
+        .expect("acquire through the proxy")
+        .expect("acquired");
+    tokio::time::sleep(refresh * 2).await;
+    guard
+        .ensure_held()
+        .await
+        .expect("held before the partition");
+    proxy.set(crate::proxy::ProxyMode::Blackhole);
+    let cut = Instant::now();
+    let limit = lease + refresh + SLACK;
+    let outcome = tokio::time::timeout(limit + HANG, guard.ensure_held()).await;
+    let took = cut.elapsed();
+    proxy.set(crate::proxy::ProxyMode::Reset);
+    let Ok(outcome) = outcome else {
+        panic!(
+            "ensure_held() did not return within {:?} of a partition: the work hangs for as long \
+             as the partition lasts",
+            limit + HANG
+        )
+    };
+    assert!(
+        took <= limit,
+        "ensure_held() answered {took:?} after the partition began, long after the guard's own \
+         deadline (a {lease:?} lease; bound {limit:?}): the work stalled although the guard knew \
+         the lease was gone ({outcome:?})"
+    );
+    assert!(
+        outcome.is_err(),
+        "ensure_held() said the lock is held while nothing reached the server"
+    );
+    report(
+        caps.backend,
+        "partitioned_check",
+        format!(
+            "ensure_held_returned_after={} outcome={}",
+            secs(took),
+            match outcome {
+                Err(leaselock::Error::Lost { .. }) => "lost",
+                Err(_) => "error",
+                Ok(()) => "held",
+            }
+        ),
+    );
+}
+
 /// One owner's time believing it holds the lock: from its acquisition's return to the moment it
 /// stopped (its release call, or its lost signal).
 #[derive(Debug)]
@@ -642,8 +710,8 @@ async fn cycle_owners(
 /// local deadline, or at once when its session ends), and an owner waiting meanwhile gets the
 /// lock only after that, with a higher token. Then three owners cycle on one key through two quick
 /// restarts (with 5 s leases that outlast them): no two of them ever believe they hold the lock at
-/// the same moment, and tokens keep increasing. Runs against a separate server the case starts itself
-/// ([`super::FaultTarget::start_server`]), never the shared one.
+/// the same moment, and tokens keep increasing. Runs against a separate server the case starts
+/// itself ([`super::FaultTarget::start_server`]), never the shared one.
 pub async fn server_restart_no_double_owner(f: Faults) {
     let t = f.target();
     let Some(server) = t.start_server().await else {
@@ -1004,8 +1072,8 @@ async fn skew_waiter_monotonic(f: &Faults, url: &str, skew: &str) -> String {
 /// libfaketime. Backends whose database clock decides expiry (and session locks) never grant a
 /// live holder's lock to anyone, and free a dead holder's lock within a lease plus a refresh
 /// interval; DynamoDB's takeover still waits a whole lease. Needs libfaketime (Debian package
-/// `faketime`), preloaded into the holder processes. Does not apply where the expiry clock is each process's own
-/// ([`super::FaultTarget::clock_is_per_process`]).
+/// `faketime`), preloaded into the holder processes. Does not apply where the expiry clock is
+/// each process's own ([`super::FaultTarget::clock_is_per_process`]).
 pub async fn clock_skew_no_double_grant(f: Faults) {
     let t = f.target();
     let url = t.url();

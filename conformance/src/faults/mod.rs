@@ -2,10 +2,11 @@
 //! soak across processes, checking that nothing is ever granted twice.
 //!
 //! The cases are plain async functions over [`Faults`] (in [`cases`]);
-//! [`fault_tests!`](crate::fault_tests!) turns them into one `#[test]` each. A backend crate's `tests/faults.rs` implements [`FaultTarget`],
-//! which supplies the means (a URL that holder processes open with the crate's `from_url`, the
-//! server's address for a partitioning [`crate::proxy::Proxy`], a separate server the test may
-//! restart), and invokes the macro with a setup function:
+//! [`fault_tests!`](crate::fault_tests!) turns them into one `#[test]` each. A backend crate's
+//! `tests/faults.rs` implements [`FaultTarget`], which supplies the means (a URL that holder
+//! processes open with the crate's `from_url`, the server's address for a partitioning
+//! [`crate::proxy::Proxy`], a separate server the test may restart), and invokes the macro with a
+//! setup function:
 //!
 //! ```no_run
 //! use std::net::SocketAddr;
@@ -158,7 +159,8 @@ pub fn addr_in_url(url: &str) -> Option<SocketAddr> {
 ///
 /// ```
 /// use leaselock_conformance::faults::with_param;
-/// assert_eq!(with_param("postgres://h/db", "strategy", "table"), "postgres://h/db?strategy=table");
+/// let url = with_param("postgres://h/db", "strategy", "table");
+/// assert_eq!(url, "postgres://h/db?strategy=table");
 /// assert_eq!(with_param("postgres://h/db?a=1", "b", "2"), "postgres://h/db?a=1&b=2");
 /// ```
 pub fn with_param(url: &str, name: &str, value: &str) -> String {
@@ -255,6 +257,7 @@ macro_rules! fault_tests {
             holder_paused_loses_lease,
             partitioned_holder_is_told,
             partitioned_holder_loses_first,
+            partitioned_holder_check_returns,
             server_restart_no_double_owner,
             clock_skew_no_double_grant,
             soak_across_processes,

