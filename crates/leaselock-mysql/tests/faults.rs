@@ -118,10 +118,6 @@ mod table {
         holder_killed_frees_lock,
         holder_paused_loses_lease,
         partitioned_holder_is_told,
-        #[ignore = "bug: the guard's local deadline (sent_at + lease; leaselock guard.rs, \
-            LockGuard::start and run_daemon) has no safety margin, while the server's expiry \
-            comes only the refresh's one-way latency later: under CPU load the lost signal \
-            fired 3-4 ms after another owner had acquired"]
         partitioned_holder_loses_first,
         #[ignore = "bug: LockContext::ensure_held (leaselock guard.rs) awaits verify without \
             racing the guard's local deadline: in a partition the work's check stalls until \

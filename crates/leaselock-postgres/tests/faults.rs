@@ -101,19 +101,5 @@ mod table {
         Pg::setup(&[("strategy", "table"), ("table", "ll_fault_leases")]).await
     }
 
-    leaselock_conformance::fault_tests!(
-        setup;
-        holder_killed_frees_lock,
-        holder_paused_loses_lease,
-        partitioned_holder_is_told,
-        #[ignore = "bug: the guard's local deadline (sent_at + lease; leaselock guard.rs, \
-            LockGuard::start and run_daemon) has no safety margin, while the server's expiry \
-            comes only the refresh's one-way latency later: under CPU load the lost signal \
-            fired 3-4 ms after another owner had acquired"]
-        partitioned_holder_loses_first,
-        partitioned_holder_check_returns,
-        server_restart_no_double_owner,
-        clock_skew_no_double_grant,
-        soak_across_processes,
-    );
+    leaselock_conformance::fault_tests!(setup);
 }
