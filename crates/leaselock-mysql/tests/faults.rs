@@ -37,12 +37,18 @@ impl Mysql {
             params,
         };
         target.url = target.with_params(&base);
-        leaselock_mysql::from_url(&target.url)
+        let backend = leaselock_mysql::from_url(&target.url)
             .await
-            .expect("backend")
-            .init_storage()
-            .await
-            .expect("init the shared storage");
+            .expect("backend");
+        // The shared server may be busy with every other test ("Too many connections"): retry.
+        let started = std::time::Instant::now();
+        while let Err(error) = backend.init_storage().await {
+            assert!(
+                error.is_retryable() && started.elapsed() < std::time::Duration::from_secs(60),
+                "init the shared storage: {error}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
         Some(target)
     }
 }
@@ -82,6 +88,7 @@ mod get_lock {
     async fn setup() -> Option<Mysql> {
         Mysql::setup(&[
             ("strategy", "get_lock"),
+            ("pool_max", "4"),
             ("table", "ll_fault_get_lock"),
             ("prefix", "llfault"),
         ])
@@ -114,7 +121,12 @@ mod table {
     use super::*;
 
     async fn setup() -> Option<Mysql> {
-        Mysql::setup(&[("strategy", "table"), ("table", "ll_fault_leases")]).await
+        Mysql::setup(&[
+            ("strategy", "table"),
+            ("table", "ll_fault_leases"),
+            ("pool_max", "4"),
+        ])
+        .await
     }
 
     leaselock_conformance::fault_tests!(
