@@ -66,10 +66,6 @@ leaselock_conformance::fault_tests!(
     holder_paused_loses_lease,
     partitioned_holder_is_told,
     partitioned_holder_loses_first,
-    #[ignore = "bug: LockContext::ensure_held (leaselock guard.rs) awaits verify without \
-        racing the guard's local deadline: in a partition the work's check stalls until \
-        the driver gives up (DynamoDB: its 10 s request timeout), \
-        long after the guard knew"]
     partitioned_holder_check_returns,
     server_restart_no_double_owner,
     clock_skew_no_double_grant,

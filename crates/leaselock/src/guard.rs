@@ -187,7 +187,9 @@ impl LockContext {
 
     /// Checks with the backend that the lock is still held (the lock guardian to call before each
     /// database access of the work). Fails with [`Error::Lost`] (and fires the lost signal) when it
-    /// is not, or when the local deadline has passed.
+    /// is not, or when the local deadline passes before the backend answers: a check never
+    /// outlasts the lease it checks, even when the database cannot be reached. (A lock without
+    /// expiry has no deadline; its check waits for the backend's own timeouts.)
     pub async fn ensure_held(&self) -> Result<()> {
         let Some(held) = &self.held else {
             return Ok(());
@@ -196,12 +198,30 @@ impl LockContext {
             return Err(Error::lost(&self.key, reason));
         }
         if held.deadline().is_some_and(|d| Instant::now() >= d) {
-            let reason = "the lease duration passed without a successful refresh";
-            held.mark_lost(reason).await;
-            return Err(Error::lost(&self.key, reason));
+            held.mark_lost(DEADLINE_REASON).await;
+            return Err(Error::lost(&self.key, DEADLINE_REASON));
         }
         let lease = held.lease();
-        match held.backend.verify(&lease).await {
+        // The check races the guard's own knowledge: a backend that cannot answer (a
+        // partition, a hung connection) must not hold the work past the local deadline, and a
+        // loss the daemon or the session watch finds meanwhile ends the check at once.
+        let verify = held.backend.verify(&lease);
+        tokio::pin!(verify);
+        let outcome = loop {
+            let deadline = held.deadline();
+            tokio::select! {
+                outcome = &mut verify => break outcome,
+                reason = self.lost.wait() => return Err(Error::lost(&self.key, reason)),
+                _ = sleep_until_opt(deadline) => {
+                    // A refresh may have moved the deadline while the check ran.
+                    if held.deadline().is_some_and(|d| Instant::now() >= d) {
+                        held.mark_lost(DEADLINE_REASON).await;
+                        return Err(Error::lost(&self.key, DEADLINE_REASON));
+                    }
+                }
+            }
+        };
+        match outcome {
             Ok(true) => Ok(()),
             Ok(false) => {
                 let reason = "the backend no longer has this lease";

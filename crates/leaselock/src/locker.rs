@@ -985,6 +985,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_check_on_a_hanging_backend_ends_at_the_deadline() {
+        let locker = Locker::builder(HangingSession(MemoryBackend::new()))
+            .lease_duration(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let guard = locker.acquire("k").await.unwrap().unwrap();
+        // The backend never answers: the check must end by the guard's own deadline, not hang.
+        let outcome = tokio::time::timeout(Duration::from_secs(20), guard.ensure_held())
+            .await
+            .expect("ensure_held must not outlast the lease when the backend cannot answer");
+        let err = outcome.unwrap_err();
+        assert!(matches!(err, Error::Lost { .. }), "{err}");
+        assert!(guard.is_lost(), "the lost signal fired too");
+    }
+
+    #[tokio::test]
     async fn an_unrefreshed_session_is_not_bounded() {
         let locker = Locker::builder(HangingSession(MemoryBackend::new()))
             .lease_duration(Duration::from_millis(100))
