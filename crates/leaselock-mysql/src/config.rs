@@ -248,7 +248,11 @@ impl MysqlConfig {
 
     /// How often the connection of each held `GET_LOCK` lock is pinged, so that a connection
     /// killed on the server (or dropped by the network) fires the guard's lost signal within
-    /// about this long. Default: [`DEFAULT_LIVENESS_INTERVAL`]; between 10 ms and 60 s.
+    /// about this long. A connection that does not answer a ping or a check within four
+    /// intervals (at least 2 s) counts as lost. An acquisition that takes a lock over from a
+    /// session that ended without releasing it (a killed connection, a server restart, a killed
+    /// process) waits two intervals before it returns, so that the old holder, if it still
+    /// runs, is told first. Default: [`DEFAULT_LIVENESS_INTERVAL`]; between 10 ms and 60 s.
     pub fn liveness_interval(mut self, interval: Duration) -> Self {
         self.liveness_interval = interval;
         self

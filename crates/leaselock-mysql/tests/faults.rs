@@ -101,16 +101,7 @@ mod get_lock {
         holder_paused_loses_lease,
         partitioned_holder_is_told,
         partitioned_holder_loses_first,
-        #[ignore = "bug: LockContext::ensure_held (leaselock guard.rs) awaits verify without \
-            racing the guard's local deadline: in a partition the work's check stalls until \
-            the driver gives up (MySQL: never; mysql_async has no operation timeout, and \
-            GET_LOCK's check_local holds its connection's mutex meanwhile), \
-            long after the guard knew"]
         partitioned_holder_check_returns,
-        #[ignore = "bug: a GET_LOCK holder learns that its session ended only at its next \
-            liveness ping (every 250 ms; get_lock.rs watch_liveness), but a server restarted \
-            faster than that frees the lock at once: another owner held it 10-43 ms before the \
-            old holder's lost signal fired, in 4 of 9 runs"]
         server_restart_no_double_owner,
         clock_skew_no_double_grant,
         soak_across_processes,
@@ -135,11 +126,6 @@ mod table {
         holder_paused_loses_lease,
         partitioned_holder_is_told,
         partitioned_holder_loses_first,
-        #[ignore = "bug: LockContext::ensure_held (leaselock guard.rs) awaits verify without \
-            racing the guard's local deadline: in a partition the work's check stalls until \
-            the driver gives up (MySQL: never; mysql_async has no operation timeout, and \
-            GET_LOCK's check_local holds its connection's mutex meanwhile), \
-            long after the guard knew"]
         partitioned_holder_check_returns,
         server_restart_no_double_owner,
         clock_skew_no_double_grant,

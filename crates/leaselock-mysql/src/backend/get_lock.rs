@@ -148,6 +148,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Set in the LAST_INSERT_ID of an acquisition whose previous holder's record was never cleared
+/// (tokens stay far below it).
+const UNCLEAN_BIT: u64 = 1 << 62;
+
 struct Sql {
     create: String,
     check: String,
@@ -183,13 +187,19 @@ impl Sql {
                  WHERE 1 = 0"
             ),
             // GET_LOCK runs once (one row from DUAL); only when it returns 1 is the row inserted
-            // (token 1, affected rows 1) or updated (LAST_INSERT_ID(token + 1), affected rows 2).
+            // (token 1, affected rows 1) or updated (affected rows 2). The update reports the new
+            // token through LAST_INSERT_ID, with UNCLEAN_BIT set when the previous holder's
+            // record was never cleared (its session ended without a release). The assignments
+            // run left to right: `owner` is read before it is overwritten, then the token moves.
             acquire: format!(
                 "INSERT INTO {table} \
                  (lock_key, lock_name, token, owner, connection_id, acquired_at) \
                  SELECT ?, ?, 1, ?, CONNECTION_ID(), {now} FROM DUAL WHERE GET_LOCK(?, 0) = 1 \
-                 ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1), lock_name = ?, \
-                 owner = ?, connection_id = CONNECTION_ID(), acquired_at = {now}"
+                 ON DUPLICATE KEY UPDATE \
+                 lock_name = IF(LAST_INSERT_ID((token + 1) | \
+                 IF(owner IS NULL, 0, {UNCLEAN_BIT})) = 0, lock_name, ?), \
+                 token = token + 1, owner = ?, connection_id = CONNECTION_ID(), \
+                 acquired_at = {now}"
             ),
             probe: format!(
                 "SELECT IS_USED_LOCK(?), t.owner, t.token, {acquired}, t.connection_id \
@@ -370,8 +380,21 @@ impl MysqlGetLockBackend {
             held.token.get(),
             held.owner.as_str(),
         );
+        let timeout = ping_timeout(self.shared().checked.liveness_interval);
         let row: std::result::Result<Option<(u64, Option<u64>, i64)>, _> =
-            conn.exec_first(&self.inner.sql.check_held, params).await;
+            match tokio::time::timeout(timeout, conn.exec_first(&self.inner.sql.check_held, params))
+                .await
+            {
+                Ok(row) => row,
+                Err(_) => {
+                    // A connection that does not answer (a partition, a hung server) cannot
+                    // vouch for its session: the same verdict as a ping that times out.
+                    let reason =
+                        format!("the connection holding the lock did not answer in {timeout:?}");
+                    held.mark_lost(&reason, slot.take());
+                    return Ok(Err(reason));
+                }
+            };
         let reason = match row {
             Ok(Some((id, used_by, records))) => {
                 // The handshake's id has 32 bits.
@@ -463,9 +486,22 @@ impl MysqlGetLockBackend {
     }
 }
 
+/// How long a held lock's connection may take to answer a ping or a check before its session
+/// counts as lost: four liveness intervals, at least 2 s.
+fn ping_timeout(every: Duration) -> Duration {
+    (every * 4).max(Duration::from_secs(2))
+}
+
+/// How long an acquisition that took the lock over from an ended session (no release) waits
+/// before it returns: two liveness intervals, time for that session's holder, if it still runs,
+/// to ping, fail and fire its lost signal.
+pub(crate) fn takeover_grace(every: Duration) -> Duration {
+    every * 2
+}
+
 /// Pings a held lock's connection until it is released, lost, or forgotten.
 async fn watch_liveness(held: Weak<Held>, every: Duration) {
-    let timeout = (every * 4).max(Duration::from_secs(2));
+    let timeout = ping_timeout(every);
     loop {
         tokio::time::sleep(every).await;
         let Some(held) = held.upgrade() else { return };
@@ -554,9 +590,9 @@ impl LockBackend for MysqlGetLockBackend {
             let _ = conn.disconnect().await;
             return Err(shared.err(e));
         }
-        let token = match (conn.affected_rows(), conn.last_insert_id()) {
-            (1, None) => 1,
-            (2, Some(token)) => token,
+        let (token, unclean) = match (conn.affected_rows(), conn.last_insert_id()) {
+            (1, None) => (1, false),
+            (2, Some(id)) => (id & !UNCLEAN_BIT, id & UNCLEAN_BIT != 0),
             (0, _) => {
                 let probe = self.probe(&mut conn, key).await?;
                 let holder = match probe.consistent() {
@@ -591,6 +627,19 @@ impl LockBackend for MysqlGetLockBackend {
             Arc::downgrade(&held),
             shared.checked.liveness_interval,
         ));
+        if unclean {
+            // The previous holder's session ended without a release: its process was killed,
+            // its connection was killed, or the server restarted. In the last two cases that
+            // holder may still be running and learns of the loss only at its next liveness
+            // ping: hold the lock until it has had time to, so that no two owners overlap.
+            let grace = takeover_grace(shared.checked.liveness_interval);
+            tracing::debug!(%key, token, ?grace, "GET_LOCK taken over from an ended session; waiting for its holder to learn of the loss");
+            tokio::time::sleep(grace).await;
+            if let Err(reason) = self.check_local(&held).await? {
+                self.held().remove(&(key.clone(), token));
+                return Err(Error::lost(key, reason));
+            }
+        }
         tracing::trace!(%key, token, conn = held.conn_id, "GET_LOCK acquired");
         Ok(AcquireOutcome::Acquired(Lease::new(
             key.clone(),
