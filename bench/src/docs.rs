@@ -305,6 +305,15 @@ fn markdown(report: &Report, notes: &str) -> String {
         "- Machine: {} cores ({}), {:.1} GiB memory, {}.",
         m.cores, m.cpu, m.memory_gib, m.kernel
     );
+    if let Some(fsync) = m.fsync_p50_ms {
+        let _ = writeln!(
+            s,
+            "- Disk: a 4 KiB write + `fdatasync` takes {fsync:.2} ms (median of 50, in the \
+             harness's scratch directory). A server that flushes its log at every commit \
+             (settings below) pays about this much per durable write; `pg_try_advisory_lock` \
+             and `GET_LOCK` write nothing."
+        );
+    }
     let _ = writeln!(
         s,
         "- Load average (1 min) {:.2} at the start and {:.2} at the end: the machine is shared, \

@@ -16,7 +16,7 @@ use leaselock::async_trait;
 use mongodb::bson::{doc, Document};
 use mysql_async::prelude::Queryable;
 
-use crate::target::{BackendId, Target, PREFIX, TABLE};
+use crate::target::{BackendId, Target};
 use crate::Result;
 
 /// One raw connection issuing the floor statements.
@@ -43,6 +43,7 @@ pub(crate) async fn connect(target: &Target, via: Option<SocketAddr>) -> Result<
             conn.execute_batch("PRAGMA synchronous = NORMAL")?;
             Box::new(SqliteFloor {
                 conn,
+                table: format!("\"{}\"", target.table),
                 owner,
                 tokens: HashMap::new(),
             })
@@ -62,9 +63,10 @@ pub(crate) async fn connect(target: &Target, via: Option<SocketAddr>) -> Result<
                     client,
                     lock,
                     unlock,
+                    prefix: format!("{}_floor", target.prefix),
                 })
             } else {
-                let t = format!("\"{TABLE}\"");
+                let t = target.pg_table()?;
                 let lock = client
                     .prepare(&format!(
                         "INSERT INTO {t} AS l (key, owner, token, acquired_at, expires_at) \
@@ -95,16 +97,20 @@ pub(crate) async fn connect(target: &Target, via: Option<SocketAddr>) -> Result<
             let opts = mysql_async::Opts::from_url(&target.driver_url(via)?)?;
             let conn = mysql_async::Conn::new(opts).await?;
             if target.id == BackendId::MysqlGetLock {
-                Box::new(MysqlGetLockFloor { conn })
+                Box::new(MysqlGetLockFloor {
+                    conn,
+                    prefix: format!("{}_floor", target.prefix),
+                })
             } else {
                 Box::new(MysqlTableFloor {
                     conn,
                     owner,
                     tokens: HashMap::new(),
-                    lock_sql: mysql_table_acquire(),
+                    lock_sql: mysql_table_acquire(&target.table),
                     unlock_sql: format!(
-                        "UPDATE `{TABLE}` SET owner = NULL, acquired_at = NULL, expires_at = NULL \
-                         WHERE lock_key = ? AND owner = ? AND token = ?"
+                        "UPDATE `{}` SET owner = NULL, acquired_at = NULL, expires_at = NULL \
+                         WHERE lock_key = ? AND owner = ? AND token = ?",
+                        target.table
                     ),
                 })
             }
@@ -127,7 +133,7 @@ pub(crate) async fn connect(target: &Target, via: Option<SocketAddr>) -> Result<
                 .build();
             let collection = client
                 .database(&database)
-                .collection_with_options::<Document>(TABLE, options);
+                .collection_with_options::<Document>(&target.table, options);
             Box::new(MongoFloor {
                 collection,
                 owner,
@@ -139,6 +145,7 @@ pub(crate) async fn connect(target: &Target, via: Option<SocketAddr>) -> Result<
             let backend = leaselock_dynamodb::DynamoDbBackend::connect(config).await?;
             Box::new(DynamoFloor {
                 client: backend.client().clone(),
+                table: target.table.clone(),
                 owner,
                 tokens: HashMap::new(),
             })
@@ -176,6 +183,8 @@ impl Floor for MemoryFloor {
 
 struct SqliteFloor {
     conn: rusqlite::Connection,
+    /// Quoted.
+    table: String,
     owner: String,
     tokens: HashMap<String, i64>,
 }
@@ -185,7 +194,7 @@ const SQLITE_NOW_MS: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 #[async_trait]
 impl Floor for SqliteFloor {
     async fn lock(&mut self, key: &str) -> Result<bool> {
-        let t = format!("\"{TABLE}\"");
+        let t = &self.table;
         let sql = format!(
             "INSERT INTO {t} (lock_key, owner, token, acquired_at_ms, expires_at_ms, ttl_ms)
              VALUES (?1, ?2, 1, {SQLITE_NOW_MS}, {SQLITE_NOW_MS} + 60000, 60000)
@@ -214,8 +223,9 @@ impl Floor for SqliteFloor {
     async fn unlock(&mut self, key: &str) -> Result<()> {
         let token = self.tokens.remove(key).ok_or("unlock without lock")?;
         let sql = format!(
-            "UPDATE \"{TABLE}\" SET owner = NULL, acquired_at_ms = NULL, expires_at_ms = NULL, \
-             ttl_ms = NULL WHERE lock_key = ?1 AND owner = ?2 AND token = ?3"
+            "UPDATE {} SET owner = NULL, acquired_at_ms = NULL, expires_at_ms = NULL, \
+             ttl_ms = NULL WHERE lock_key = ?1 AND owner = ?2 AND token = ?3",
+            self.table
         );
         self.conn
             .prepare_cached(&sql)?
@@ -228,26 +238,26 @@ struct PgAdvisoryFloor {
     client: tokio_postgres::Client,
     lock: tokio_postgres::Statement,
     unlock: tokio_postgres::Statement,
+    prefix: String,
 }
 
-fn advisory_id(key: &str) -> i64 {
-    leaselock_postgres::advisory_key(&format!("{PREFIX}_floor"), key)
+impl PgAdvisoryFloor {
+    fn id(&self, key: &str) -> i64 {
+        leaselock_postgres::advisory_key(&self.prefix, key)
+    }
 }
 
 #[async_trait]
 impl Floor for PgAdvisoryFloor {
     async fn lock(&mut self, key: &str) -> Result<bool> {
-        let row = self
-            .client
-            .query_one(&self.lock, &[&advisory_id(key)])
-            .await?;
+        let row = self.client.query_one(&self.lock, &[&self.id(key)]).await?;
         Ok(row.get(0))
     }
 
     async fn unlock(&mut self, key: &str) -> Result<()> {
         let row = self
             .client
-            .query_one(&self.unlock, &[&advisory_id(key)])
+            .query_one(&self.unlock, &[&self.id(key)])
             .await?;
         if !row.get::<_, bool>(0) {
             return Err("pg_advisory_unlock found no lock".into());
@@ -291,18 +301,21 @@ impl Floor for PgTableFloor {
 
 struct MysqlGetLockFloor {
     conn: mysql_async::Conn,
+    prefix: String,
 }
 
-fn get_lock_name(key: &str) -> String {
-    let name = format!("{PREFIX}_floor:{key}");
-    // GET_LOCK names are at most 64 characters on MySQL.
-    name.chars()
-        .rev()
-        .take(64)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect()
+impl MysqlGetLockFloor {
+    fn name(&self, key: &str) -> String {
+        let name = format!("{}:{key}", self.prefix);
+        // GET_LOCK names are at most 64 characters on MySQL.
+        name.chars()
+            .rev()
+            .take(64)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect()
+    }
 }
 
 #[async_trait]
@@ -310,7 +323,7 @@ impl Floor for MysqlGetLockFloor {
     async fn lock(&mut self, key: &str) -> Result<bool> {
         let got: Option<Option<i64>> = self
             .conn
-            .exec_first("SELECT GET_LOCK(?, 0)", (get_lock_name(key),))
+            .exec_first("SELECT GET_LOCK(?, 0)", (self.name(key),))
             .await?;
         Ok(got.flatten() == Some(1))
     }
@@ -318,7 +331,7 @@ impl Floor for MysqlGetLockFloor {
     async fn unlock(&mut self, key: &str) -> Result<()> {
         let released: Option<Option<i64>> = self
             .conn
-            .exec_first("SELECT RELEASE_LOCK(?)", (get_lock_name(key),))
+            .exec_first("SELECT RELEASE_LOCK(?)", (self.name(key),))
             .await?;
         if released.flatten() != Some(1) {
             return Err("RELEASE_LOCK did not release".into());
@@ -328,11 +341,11 @@ impl Floor for MysqlGetLockFloor {
 }
 
 /// The MySQL table backend's own acquiring statement, with a 60 s lease.
-fn mysql_table_acquire() -> String {
+fn mysql_table_acquire(table: &str) -> String {
     let now = "UTC_TIMESTAMP(6)";
     let free = format!("(expires_at IS NULL OR expires_at <= {now})");
     format!(
-        "INSERT INTO `{TABLE}` (lock_key, token, owner, acquired_at, expires_at) \
+        "INSERT INTO `{table}` (lock_key, token, owner, acquired_at, expires_at) \
          VALUES (?, 1, ?, {now}, {now} + INTERVAL 60000000 MICROSECOND) \
          ON DUPLICATE KEY UPDATE \
          token = IF({free}, LAST_INSERT_ID(token + 1), token), \
@@ -441,6 +454,7 @@ impl Floor for MongoFloor {
 
 struct DynamoFloor {
     client: aws_sdk_dynamodb::Client,
+    table: String,
     owner: String,
     tokens: HashMap<String, String>,
 }
@@ -451,7 +465,7 @@ impl Floor for DynamoFloor {
         let outcome = self
             .client
             .update_item()
-            .table_name(TABLE)
+            .table_name(&self.table)
             .key("key", AttributeValue::S(key.to_owned()))
             .update_expression("SET #o = :owner, #t = if_not_exists(#t, :zero) + :one")
             .condition_expression("attribute_not_exists(#o)")
@@ -488,7 +502,7 @@ impl Floor for DynamoFloor {
         let token = self.tokens.remove(key).ok_or("unlock without lock")?;
         self.client
             .update_item()
-            .table_name(TABLE)
+            .table_name(&self.table)
             .key("key", AttributeValue::S(key.to_owned()))
             .update_expression("REMOVE #o")
             .condition_expression("#o = :owner AND #t = :token")

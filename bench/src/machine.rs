@@ -15,10 +15,32 @@ pub(crate) struct Machine {
     /// machine shows here.
     pub(crate) load_start: [f64; 3],
     pub(crate) load_end: [f64; 3],
+    /// Median time of a 4 KiB write + `fdatasync` in the scratch directory, in milliseconds:
+    /// what a durable commit costs at least on this machine's disk.
+    pub(crate) fsync_p50_ms: Option<f64>,
+}
+
+/// Times 50 4 KiB writes, each followed by `fdatasync`, in a file inside `dir`; the median in
+/// milliseconds.
+pub(crate) fn fsync_probe(dir: &std::path::Path) -> Option<f64> {
+    use std::io::{Seek, Write};
+    let path = dir.join("fsync-probe");
+    let mut file = std::fs::File::create(&path).ok()?;
+    let block = [7u8; 4096];
+    let mut samples = Vec::with_capacity(50);
+    for _ in 0..50 {
+        let start = std::time::Instant::now();
+        file.seek(std::io::SeekFrom::Start(0)).ok()?;
+        file.write_all(&block).ok()?;
+        file.sync_data().ok()?;
+        samples.push(start.elapsed());
+    }
+    let _ = std::fs::remove_file(&path);
+    Some(crate::stats::Latency::of(&samples).p50_us / 1000.0)
 }
 
 impl Machine {
-    pub(crate) fn now(load_start: [f64; 3]) -> Self {
+    pub(crate) fn now(load_start: [f64; 3], fsync_p50_ms: Option<f64>) -> Self {
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|info| {
@@ -41,6 +63,7 @@ impl Machine {
                 .unwrap_or_else(|_| std::env::consts::OS.to_owned()),
             load_start,
             load_end: loadavg(),
+            fsync_p50_ms,
         }
     }
 

@@ -45,6 +45,7 @@ pub(crate) async fn run_all(config: &Config, command: &str) -> Report {
             .tempdir(),
     }
     .expect("a scratch directory for the SQLite file");
+    let fsync = machine::fsync_probe(scratch.path());
     let mut backends = Vec::new();
     for &id in &config.backends {
         backends.push(run_backend(config, id, scratch.path(), &run).await);
@@ -54,7 +55,7 @@ pub(crate) async fn run_all(config: &Config, command: &str) -> Report {
         started_at: machine::utc(started),
         finished_at: machine::utc(SystemTime::now()),
         command: command.to_owned(),
-        machine: Machine::now(load_start),
+        machine: Machine::now(load_start, fsync),
         settings: Settings {
             measures: config
                 .measures
@@ -105,7 +106,7 @@ async fn run_backend(
             }
         },
     };
-    let target = Target::new(id, url, scratch);
+    let target = Target::new(id, url, scratch, run);
     say(id, "starting");
     let prepared = async {
         let server = target.server().await?;
@@ -194,6 +195,9 @@ async fn run_backend(
                 ),
             );
         }
+    }
+    if let Err(error) = target.drop_storage().await {
+        say(id, format!("could not drop this run's storage: {error}"));
     }
     report.targets = evaluate(&report);
     report

@@ -10,12 +10,6 @@ use serde::Serialize;
 
 use crate::Result;
 
-/// The table, collection or counter table every networked backend uses here, so benchmark rows
-/// stay apart from the test suites' (which share the servers).
-pub(crate) const TABLE: &str = "leaselock_bench";
-/// The advisory-lock and `GET_LOCK` name prefix of the benchmark.
-pub(crate) const PREFIX: &str = "leaselock_bench";
-
 /// A backend the harness knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -150,8 +144,16 @@ impl BackendId {
 
 /// A backend ready to be instantiated, as often as a measure needs ("another process" each
 /// time; the in-memory backend shares its store, since it cannot be shared otherwise).
+///
+/// Every run gets its own table, collection and lock-name prefix (named after the run), created
+/// empty and dropped at the end: runs start alike, and a smoke test running at the same time (in
+/// someone's `cargo test`) cannot disturb a full run.
 pub(crate) struct Target {
     pub(crate) id: BackendId,
+    /// The lease table or collection (`leaselock_bench_RUN`).
+    pub(crate) table: String,
+    /// The advisory-lock and `GET_LOCK` name prefix (`lbRUN`).
+    pub(crate) prefix: String,
     url: Option<String>,
     memory: MemoryBackend,
     pub(crate) memory_floor: crate::floor::MemoryMap,
@@ -161,9 +163,16 @@ pub(crate) struct Target {
 impl Target {
     /// The target for `id`: `url` is the server URL (networked backends), `scratch` a directory
     /// for the SQLite file.
-    pub(crate) fn new(id: BackendId, url: Option<String>, scratch: &std::path::Path) -> Self {
+    pub(crate) fn new(
+        id: BackendId,
+        url: Option<String>,
+        scratch: &std::path::Path,
+        run: &str,
+    ) -> Self {
         Self {
             id,
+            table: format!("leaselock_bench_{run}"),
+            prefix: format!("lb{run}"),
             url,
             memory: MemoryBackend::new(),
             memory_floor: Default::default(),
@@ -201,38 +210,108 @@ impl Target {
                 _ => {}
             }
         }
+        let table = self.storage_name();
         match self.id {
             BackendId::PostgresAdvisory => set_params(
                 &mut url,
                 &[
                     ("strategy", "advisory"),
-                    ("table", "leaselock_bench_advisory"),
-                    ("prefix", PREFIX),
+                    ("table", &table),
+                    ("prefix", &self.prefix),
                 ],
             ),
             BackendId::PostgresTable => {
-                set_params(&mut url, &[("strategy", "table"), ("table", TABLE)]);
+                set_params(&mut url, &[("strategy", "table"), ("table", &table)]);
                 remove_param(&mut url, "prefix");
             }
             BackendId::MysqlGetLock => set_params(
                 &mut url,
                 &[
                     ("strategy", "get_lock"),
-                    ("table", "leaselock_bench_get_lock"),
-                    ("prefix", PREFIX),
+                    ("table", &table),
+                    ("prefix", &self.prefix),
                 ],
             ),
             BackendId::MysqlTable => {
-                set_params(&mut url, &[("strategy", "table"), ("table", TABLE)]);
+                set_params(&mut url, &[("strategy", "table"), ("table", &table)]);
                 remove_param(&mut url, "prefix");
             }
-            BackendId::Mongodb => set_params(&mut url, &[("collection", TABLE)]),
+            BackendId::Mongodb => set_params(&mut url, &[("collection", &table)]),
             BackendId::Dynamodb => url
-                .set_host(Some(TABLE))
+                .set_host(Some(&table))
                 .map_err(|e| format!("cannot set the DynamoDB table: {e}"))?,
             BackendId::Memory | BackendId::Sqlite => {}
         }
         Ok(url.into())
+    }
+
+    /// The backend's storage: the lease table or collection, or the counter table of a session
+    /// lock backend.
+    pub(crate) fn storage_name(&self) -> String {
+        match self.id {
+            BackendId::PostgresAdvisory => format!("{}_advisory", self.table),
+            BackendId::MysqlGetLock => format!("{}_get_lock", self.table),
+            _ => self.table.clone(),
+        }
+    }
+
+    /// The lease table as PostgreSQL names it: quoted, in the URL's `schema=` if one is given.
+    pub(crate) fn pg_table(&self) -> Result<String> {
+        let config = leaselock_postgres::PgConfig::from_url(&self.backend_url(None)?)?;
+        Ok(match config.schema_name() {
+            Some(schema) => format!("\"{schema}\".\"{}\"", self.storage_name()),
+            None => format!("\"{}\"", self.storage_name()),
+        })
+    }
+
+    /// Drops this run's table or collection (best effort: the end of a run).
+    pub(crate) async fn drop_storage(&self) -> Result<()> {
+        match self.id {
+            BackendId::Memory | BackendId::Sqlite => {}
+            BackendId::PostgresAdvisory | BackendId::PostgresTable => {
+                let config = leaselock_postgres::PgConfig::from_url(&self.backend_url(None)?)?;
+                let (client, connection) =
+                    config.connection().connect(tokio_postgres::NoTls).await?;
+                let driver = tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("DROP TABLE IF EXISTS {}", self.pg_table()?))
+                    .await?;
+                drop(client);
+                let _ = driver.await;
+            }
+            BackendId::MysqlGetLock | BackendId::MysqlTable => {
+                use mysql_async::prelude::Queryable;
+                let opts = mysql_async::Opts::from_url(&self.driver_url(None)?)?;
+                let mut conn = mysql_async::Conn::new(opts).await?;
+                conn.query_drop(format!("DROP TABLE IF EXISTS `{}`", self.storage_name()))
+                    .await?;
+                let _ = conn.disconnect().await;
+            }
+            BackendId::Mongodb => {
+                let url = self.driver_url(None)?;
+                let database = leaselock_mongodb::MongoConfig::from_url(&url)?
+                    .database_name()
+                    .to_owned();
+                let client = mongodb::Client::with_uri_str(url).await?;
+                client
+                    .database(&database)
+                    .collection::<mongodb::bson::Document>(&self.table)
+                    .drop()
+                    .await?;
+            }
+            BackendId::Dynamodb => {
+                let config =
+                    leaselock_dynamodb::DynamoDbConfig::from_url(&self.backend_url(None)?)?;
+                let backend = leaselock_dynamodb::DynamoDbBackend::connect(config).await?;
+                backend
+                    .client()
+                    .delete_table()
+                    .table_name(&self.table)
+                    .send()
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// The driver URL of the floor (the backend's URL without leaselock's own parameters).
@@ -271,7 +350,7 @@ impl Target {
             BackendId::Memory => Arc::new(self.memory.clone()),
             BackendId::Sqlite => {
                 let path = self.sqlite.clone().ok_or("no SQLite file")?;
-                let config = leaselock_sqlite::SqliteConfig::new(path).table(TABLE);
+                let config = leaselock_sqlite::SqliteConfig::new(path).table(&self.table);
                 Arc::new(leaselock_sqlite::SqliteBackend::connect(config).await?)
             }
             BackendId::PostgresAdvisory | BackendId::PostgresTable => {
@@ -305,31 +384,42 @@ impl Target {
                 let row = client
                     .query_one(
                         "SELECT current_setting('server_version'), \
-                         current_setting('max_connections')",
+                         current_setting('max_connections'), \
+                         current_setting('synchronous_commit'), current_setting('fsync')",
                         &[],
                     )
                     .await?;
                 let version: String = row.get(0);
                 let max: String = row.get(1);
+                let sync: String = row.get(2);
+                let fsync: String = row.get(3);
                 drop(client);
                 let _ = driver.await;
-                format!("PostgreSQL {version} (max_connections {max})")
+                format!(
+                    "PostgreSQL {version} (max_connections {max}, synchronous_commit {sync}, \
+                     fsync {fsync})"
+                )
             }
             BackendId::MysqlGetLock | BackendId::MysqlTable => {
                 use mysql_async::prelude::Queryable;
                 let opts = mysql_async::Opts::from_url(&self.driver_url(None)?)?;
                 let mut conn = mysql_async::Conn::new(opts).await?;
-                let row: Option<(String, u64)> = conn
-                    .query_first("SELECT VERSION(), @@max_connections")
+                let row: Option<(String, u64, u64)> = conn
+                    .query_first(
+                        "SELECT VERSION(), @@max_connections, @@innodb_flush_log_at_trx_commit",
+                    )
                     .await?;
                 let _ = conn.disconnect().await;
-                let (version, max) = row.ok_or("no version")?;
+                let (version, max, flush) = row.ok_or("no version")?;
                 let name = if version.to_ascii_lowercase().contains("mariadb") {
                     "MariaDB"
                 } else {
                     "MySQL"
                 };
-                format!("{name} {version} (max_connections {max})")
+                format!(
+                    "{name} {version} (max_connections {max}, innodb_flush_log_at_trx_commit \
+                     {flush})"
+                )
             }
             BackendId::Mongodb => {
                 let client = mongodb::Client::with_uri_str(self.driver_url(None)?).await?;
@@ -419,11 +509,12 @@ mod tests {
             BackendId::PostgresTable,
             Some("postgres://u:pw@db.example:5432/app?strategy=advisory&sslmode=disable".into()),
             &dir,
+            "r1",
         );
         let url = pg.backend_url(Some(via)).unwrap();
         assert_eq!(
             url,
-            "postgres://u:pw@127.0.0.1:4000/app?sslmode=disable&strategy=table&table=leaselock_bench"
+            "postgres://u:pw@127.0.0.1:4000/app?sslmode=disable&strategy=table&table=leaselock_bench_r1"
         );
         assert_eq!(
             pg.driver_url(None).unwrap(),
@@ -433,9 +524,10 @@ mod tests {
             BackendId::Dynamodb,
             Some("dynamodb://t?endpoint=http://127.0.0.1:8000&region=us-east-1".into()),
             &dir,
+            "r1",
         );
         let url = dynamo.backend_url(Some(via)).unwrap();
-        assert!(url.starts_with("dynamodb://leaselock_bench?"), "{url}");
+        assert!(url.starts_with("dynamodb://leaselock_bench_r1?"), "{url}");
         assert!(
             url.contains("endpoint=http%3A%2F%2F127.0.0.1%3A4000"),
             "{url}"
@@ -444,11 +536,12 @@ mod tests {
             BackendId::Mongodb,
             Some("mongodb://127.0.0.1:27018/db".into()),
             &dir,
+            "r1",
         );
         let url = mongo.backend_url(Some(via)).unwrap();
         assert_eq!(
             url,
-            "mongodb://127.0.0.1:4000/db?directConnection=true&collection=leaselock_bench"
+            "mongodb://127.0.0.1:4000/db?directConnection=true&collection=leaselock_bench_r1"
         );
     }
 
