@@ -159,6 +159,7 @@ struct Sql {
     probe: String,
     check_held: String,
     check_remote: String,
+    release: String,
     tidy: String,
     list: String,
     stale: String,
@@ -213,6 +214,13 @@ impl Sql {
             check_remote: format!(
                 "SELECT t.connection_id, IS_USED_LOCK(?) FROM {table} AS t \
                  WHERE t.lock_key = ? AND t.token = ? AND t.owner = ?"
+            ),
+            // Clears the holder's record and releases the lock in one statement (the row is
+            // found by primary key and locked before RELEASE_LOCK runs); one affected row means
+            // both happened.
+            release: format!(
+                "UPDATE {table} SET owner = NULL, connection_id = NULL, acquired_at = NULL \
+                 WHERE lock_key = ? AND token = ? AND connection_id = ? AND RELEASE_LOCK(?) = 1"
             ),
             tidy: format!(
                 "UPDATE {table} SET owner = NULL, connection_id = NULL, acquired_at = NULL \
@@ -710,6 +718,32 @@ impl LockBackend for MysqlGetLockBackend {
             discard(conn);
             return Ok(false);
         }
+        // One statement clears the record and releases: the record's row stays locked until
+        // the statement commits, so a waiter that gets the lock at RELEASE_LOCK finds it cleared
+        // (a clean hand-over, no takeover grace).
+        let params = (
+            held.key.as_str(),
+            held.token.get(),
+            u64::from(held.conn_id),
+            held.name.as_str(),
+        );
+        match conn.exec_drop(&self.inner.sql.release, params).await {
+            Ok(()) if conn.affected_rows() == 1 => {
+                tracing::trace!(key = %held.key, token = %held.token, "GET_LOCK released");
+                return Ok(true);
+            }
+            Ok(()) => {}
+            Err(e) if is_connection_gone(&e) => {
+                held.mark_lost(&format!("the connection holding the lock ended: {e}"), None);
+                return Ok(false);
+            }
+            Err(e) => {
+                held.mark_lost("releasing failed", Some(conn));
+                return Err(shared.err(e));
+            }
+        }
+        // The record was not this lease's (cleared by a force release, say): release the lock
+        // alone.
         let released: std::result::Result<Option<Option<i64>>, _> = conn
             .exec_first("SELECT RELEASE_LOCK(?)", (held.name.as_str(),))
             .await;
@@ -727,12 +761,6 @@ impl LockBackend for MysqlGetLockBackend {
                 held.mark_lost("releasing failed", Some(conn));
                 return Err(shared.err(e));
             }
-        }
-        // The lock is free (waiters get it now); clear the record, keeping the counter. A new
-        // holder's record has a higher token and is left alone.
-        let params = (held.key.as_str(), held.token.get(), u64::from(held.conn_id));
-        if let Err(error) = shared.run(&mut conn, &self.inner.sql.tidy, params).await {
-            tracing::debug!(key = %held.key, %error, "could not clear the released lock's record; status ignores it");
         }
         tracing::trace!(key = %held.key, token = %held.token, "GET_LOCK released");
         Ok(true)
