@@ -1,8 +1,9 @@
 //! The two backends and what they share: connecting, the control connection, LISTEN/NOTIFY,
 //! storage initialization.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use leaselock::{Error, LockKey, Result, Wakeup};
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch};
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{AsyncMessage, Client, Row};
+use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 
 use crate::config::PgConfig;
 use crate::error;
@@ -82,13 +83,41 @@ pub(crate) fn channel_name(kind: &str, qualified: &str, prefix: &str) -> String 
     format!("leaselock_{hex}")
 }
 
-/// One connection and whether its driver task has ended.
+/// The most statements one connection keeps prepared (a backend uses about a dozen).
+const STATEMENT_CACHE_CAPACITY: usize = 64;
+
+/// One connection, whether its driver task has ended, and its prepared statements.
 pub(crate) struct Conn {
     pub(crate) client: Client,
     closed: watch::Receiver<bool>,
+    /// `None` when statements are not cached (`statement_cache=false`).
+    statements: Option<Mutex<HashMap<String, Statement>>>,
 }
 
 impl Conn {
+    /// The prepared form of `sql` on this connection, preparing it on first use; `None` when
+    /// this connection does not cache statements.
+    async fn statement(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Option<std::result::Result<Statement, tokio_postgres::Error>> {
+        let cache = self.statements.as_ref()?;
+        if let Some(statement) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(sql) {
+            return Some(Ok(statement.clone()));
+        }
+        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+        let statement = match self.client.prepare_typed(sql, &types).await {
+            Ok(statement) => statement,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() < STATEMENT_CACHE_CAPACITY {
+            cache.insert(sql.to_owned(), statement.clone());
+        }
+        Some(Ok(statement))
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         *self.closed.borrow() || self.client.is_closed()
     }
@@ -107,6 +136,7 @@ pub(crate) struct Connector {
     config: tokio_postgres::Config,
     target: String,
     connect_timeout: Duration,
+    statement_cache: bool,
     #[cfg(feature = "tls")]
     tls: tokio_postgres_rustls::MakeRustlsConnect,
 }
@@ -117,6 +147,7 @@ impl Connector {
             config: config.connection.clone(),
             target: config.target(),
             connect_timeout: config.connect_timeout,
+            statement_cache: config.statement_cache,
             #[cfg(feature = "tls")]
             tls: tls_connector(config)?,
         })
@@ -138,7 +169,11 @@ impl Connector {
             .map_err(|e| error::connect(backend, &self.target, e))?;
         let (closed_tx, closed) = watch::channel(false);
         tokio::spawn(drive(connection, listen, closed_tx));
-        Ok(Conn { client, closed })
+        Ok(Conn {
+            client,
+            closed,
+            statements: self.statement_cache.then(Mutex::default),
+        })
     }
 }
 
@@ -458,7 +493,17 @@ pub(crate) async fn run(
     sql: &str,
     params: &[Param<'_>],
 ) -> Result<Vec<Row>> {
-    tokio::time::timeout(timeout, conn.client.query_typed(sql, params))
+    let work = async {
+        match conn.statement(sql, params).await {
+            // Prepared once per connection: later runs skip parsing and planning.
+            Some(statement) => {
+                let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+                conn.client.query(&statement?, &values).await
+            }
+            None => conn.client.query_typed(sql, params).await,
+        }
+    };
+    tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| error::timeout(backend, what))?
         .map_err(|e| error::driver(backend, what, e))

@@ -55,6 +55,7 @@ pub struct PgConfig {
     pub(crate) operation_timeout: Duration,
     pub(crate) max_idle_sessions: usize,
     pub(crate) probe_pooler: bool,
+    pub(crate) statement_cache: bool,
     #[cfg(feature = "tls")]
     pub(crate) tls_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
@@ -77,6 +78,7 @@ impl PgConfig {
             operation_timeout: Duration::from_secs(30),
             max_idle_sessions: 4,
             probe_pooler: true,
+            statement_cache: true,
             #[cfg(feature = "tls")]
             tls_roots: Vec::new(),
         }
@@ -92,7 +94,8 @@ impl PgConfig {
     /// - `table=NAME`: the lease table, or for advisory locks the fencing-counter table;
     /// - `schema=NAME`: the schema of that table (default: the connection's `search_path`);
     /// - `prefix=NAME`: the advisory key prefix (advisory only, default `leaselock`);
-    /// - `sslrootcert=PATH`: a PEM file of CA certificates to trust (with the `tls` feature).
+    /// - `sslrootcert=PATH`: a PEM file of CA certificates to trust (with the `tls` feature);
+    /// - `statement_cache=true|false`: see [`PgConfig::statement_cache`] (default `true`).
     ///
     /// Errors are [`Error::InvalidInput`] with field `url`, and never contain the password.
     ///
@@ -142,6 +145,16 @@ impl PgConfig {
                 "schema" => config.schema(&value).map_err(as_url_error)?,
                 "prefix" => config.prefix(&value).map_err(as_url_error)?,
                 "sslrootcert" => config.sslrootcert(&value)?,
+                "statement_cache" => match value.as_str() {
+                    "true" => config.statement_cache(true),
+                    "false" => config.statement_cache(false),
+                    other => {
+                        return Err(Error::invalid(
+                            "url",
+                            format!("statement_cache must be `true` or `false`, not `{other}`"),
+                        ))
+                    }
+                },
                 _ => unreachable!("split_url returns only our parameters"),
             };
         }
@@ -215,6 +228,25 @@ impl PgConfig {
     /// verify and release happen regardless. Default `true`. Advisory backend only.
     pub fn probe_pooler(mut self, probe: bool) -> Self {
         self.probe_pooler = probe;
+        self
+    }
+
+    /// Whether each connection prepares its statements once and reuses them (skipping the
+    /// server's parsing and planning on every later run), as sqlx and most drivers do. Turn it
+    /// off behind a transaction-pooling proxy (PgBouncer with `pool_mode = transaction` before
+    /// 1.21, or without `max_prepared_statements`), where a prepared statement does not follow
+    /// the client from one server connection to the next. Default `true`; URL parameter
+    /// `statement_cache=false`.
+    ///
+    /// ```
+    /// use leaselock_postgres::PgConfig;
+    /// let config = PgConfig::from_url("postgres://app@pooler:6432/app?strategy=table")?
+    ///     .statement_cache(false);
+    /// assert!(format!("{config:?}").contains("statement_cache: false"));
+    /// # Ok::<(), leaselock::Error>(())
+    /// ```
+    pub fn statement_cache(mut self, cache: bool) -> Self {
+        self.statement_cache = cache;
         self
     }
 
@@ -345,6 +377,7 @@ impl fmt::Debug for PgConfig {
             .field("operation_timeout", &self.operation_timeout)
             .field("max_idle_sessions", &self.max_idle_sessions)
             .field("probe_pooler", &self.probe_pooler)
+            .field("statement_cache", &self.statement_cache)
             .finish_non_exhaustive()
     }
 }
@@ -374,7 +407,14 @@ struct UrlParts {
     ours: Vec<(String, String)>,
 }
 
-const OUR_PARAMS: [&str; 5] = ["strategy", "table", "schema", "prefix", "sslrootcert"];
+const OUR_PARAMS: [&str; 6] = [
+    "strategy",
+    "table",
+    "schema",
+    "prefix",
+    "sslrootcert",
+    "statement_cache",
+];
 
 fn split_url(url: &str) -> Result<UrlParts> {
     let lower = url.get(..13).unwrap_or(url).to_ascii_lowercase();
@@ -571,6 +611,22 @@ mod tests {
     fn sslrootcert_needs_the_tls_feature() {
         let err = PgConfig::from_url("postgres://h/db?sslrootcert=/ca.pem").unwrap_err();
         assert!(err.to_string().contains("`tls` feature"), "{err}");
+    }
+
+    #[test]
+    fn statement_cache_from_the_url() {
+        assert!(
+            PgConfig::from_url("postgres://h/db")
+                .unwrap()
+                .statement_cache
+        );
+        let off = PgConfig::from_url("postgres://h/db?statement_cache=false").unwrap();
+        assert!(!off.statement_cache);
+        let err = PgConfig::from_url("postgres://h/db?statement_cache=maybe").unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidInput { field: "url", .. }),
+            "{err}"
+        );
     }
 
     #[test]

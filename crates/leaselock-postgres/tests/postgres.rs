@@ -307,12 +307,16 @@ async fn pooler_is_detected_through_a_real_pgbouncer() {
             .unwrap();
     }
 
-    // 4. The lease table needs no session state: it works through the pooler.
+    // 4. The lease table needs no session state: it works through the pooler, with prepared
+    //    statements off (they do not follow a client from one server connection to the next).
     let leases = PgTableBackend::new(
-        PgConfig::from_url(&bouncer)
-            .unwrap()
-            .table(&format!("{ns}_leases"))
-            .unwrap(),
+        PgConfig::from_url(&format!(
+            "{bouncer}{}statement_cache=false",
+            if bouncer.contains('?') { '&' } else { '?' }
+        ))
+        .unwrap()
+        .table(&format!("{ns}_leases"))
+        .unwrap(),
     )
     .unwrap();
     leases.init_storage().await.unwrap();
