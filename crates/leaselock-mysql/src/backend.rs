@@ -56,8 +56,20 @@ impl Shared {
             server: checked.server.clone(),
         };
         Self {
-            // `Pool::new` starts nothing: connections are made on first use.
-            pool: Pool::new(checked.opts.clone()),
+            // `Pool::new` starts nothing: connections are made on first use. Pooled connections
+            // carry no session state of ours (a connection holding a `GET_LOCK` lock is taken out
+            // of the pool, and is reset if it ever goes back), so they are not reset on return:
+            // that would cost a round trip and drop the prepared statements, which then cost
+            // another. An application's own `reset_connection` choice has no say here.
+            pool: Pool::new(
+                mysql_async::OptsBuilder::from_opts(checked.opts.clone()).pool_opts(
+                    checked
+                        .opts
+                        .pool_opts()
+                        .clone()
+                        .with_reset_connection(false),
+                ),
+            ),
             ctx,
             checked,
         }

@@ -729,6 +729,8 @@ impl LockBackend for MysqlGetLockBackend {
         );
         match conn.exec_drop(&self.inner.sql.release, params).await {
             Ok(()) if conn.affected_rows() == 1 => {
+                // The session holds nothing now: back to the pool as it is, statements and all.
+                conn.reset_connection(false);
                 tracing::trace!(key = %held.key, token = %held.token, "GET_LOCK released");
                 return Ok(true);
             }
