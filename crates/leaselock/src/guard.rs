@@ -91,8 +91,13 @@ impl Held {
         *self.deadline.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Marks the lease lost (once), telling the hooks and the work.
+    /// Marks the lease lost (once), telling the hooks and the work. Does nothing once the lease
+    /// has been released or handed over: a refresh daemon that was running on another thread
+    /// when it was stopped can see the lease gone because of that very release.
     async fn mark_lost(&self, reason: &str) {
+        if self.released.load(Ordering::SeqCst) {
+            return;
+        }
         let first = self.lost_tx.send_if_modified(|state| {
             if state.is_some() {
                 return false;

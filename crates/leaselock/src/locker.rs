@@ -1048,6 +1048,53 @@ mod tests {
         }
     }
 
+    /// Counts lost-lease reports.
+    #[derive(Default)]
+    struct CountLost(AtomicU32);
+
+    #[async_trait::async_trait]
+    impl LockHooks for CountLost {
+        async fn lease_lost(&self, _lease: &Lease, _reason: &str) -> crate::HookResult {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// A refresh daemon running on another worker thread while its guard releases must not
+    /// report the lease lost because of that release (the in-memory backend wakes every
+    /// daemon on every change, so the race comes up in a few hundred cycles).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_released_lease_is_never_reported_lost() {
+        let hooks = Arc::new(CountLost::default());
+        let store = MemoryBackend::new();
+        let locker = Locker::builder(store.clone())
+            .shared_hooks(hooks.clone())
+            .build()
+            .unwrap();
+        // Changes to other keys keep waking the daemon, so that it often runs on the other
+        // worker thread at the moment of a release.
+        let busy = Locker::builder(store).build().unwrap();
+        let churn = tokio::spawn(async move {
+            loop {
+                let guard = busy.acquire("other").await.unwrap().unwrap();
+                guard.release().await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        for _ in 0..3000 {
+            let guard = locker.acquire("k").await.unwrap().unwrap();
+            let lost = guard.lost().clone();
+            assert!(guard.release().await.unwrap());
+            assert!(!lost.is_lost(), "a normal release fired the lost signal");
+        }
+        churn.abort();
+        assert_eq!(
+            hooks.0.load(Ordering::SeqCst),
+            0,
+            "lease_lost after release"
+        );
+    }
+
     fn counted(store: &MemoryBackend) -> (Locker, Arc<CountAcquires>) {
         let hooks = Arc::new(CountAcquires::default());
         let locker = Locker::builder(store.clone())
