@@ -494,6 +494,17 @@ impl MysqlGetLockBackend {
     }
 }
 
+/// A release statement failed: the lock is gone with its connection (`Ok(false)`), or the
+/// connection is in an unknown state and is discarded, which frees the lock on the server.
+fn release_failed(shared: &Shared, held: &Held, conn: Conn, e: mysql_async::Error) -> Result<bool> {
+    if is_connection_gone(&e) {
+        held.mark_lost(&format!("the connection holding the lock ended: {e}"), None);
+        return Ok(false);
+    }
+    held.mark_lost("releasing failed", Some(conn));
+    Err(shared.err(e))
+}
+
 /// How long a held lock's connection may take to answer a ping or a check before its session
 /// counts as lost: four liveness intervals, at least 2 s.
 fn ping_timeout(every: Duration) -> Duration {
@@ -735,14 +746,7 @@ impl LockBackend for MysqlGetLockBackend {
                 return Ok(true);
             }
             Ok(()) => {}
-            Err(e) if is_connection_gone(&e) => {
-                held.mark_lost(&format!("the connection holding the lock ended: {e}"), None);
-                return Ok(false);
-            }
-            Err(e) => {
-                held.mark_lost("releasing failed", Some(conn));
-                return Err(shared.err(e));
-            }
+            Err(e) => return release_failed(shared, &held, conn, e),
         }
         // The record was not this lease's (cleared by a force release, say): release the lock
         // alone.
@@ -755,14 +759,7 @@ impl LockBackend for MysqlGetLockBackend {
                 held.mark_lost("the lock's connection no longer held the lock", Some(conn));
                 return Ok(false);
             }
-            Err(e) if is_connection_gone(&e) => {
-                held.mark_lost(&format!("the connection holding the lock ended: {e}"), None);
-                return Ok(false);
-            }
-            Err(e) => {
-                held.mark_lost("releasing failed", Some(conn));
-                return Err(shared.err(e));
-            }
+            Err(e) => return release_failed(shared, &held, conn, e),
         }
         tracing::trace!(key = %held.key, token = %held.token, "GET_LOCK released");
         Ok(true)
