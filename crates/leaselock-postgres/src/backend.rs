@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -95,6 +96,22 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
+    /// Runs one statement: prepared once and reused when this connection caches statements,
+    /// else as an unnamed statement (no prepare round trip either way).
+    pub(crate) async fn query(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> std::result::Result<Vec<Row>, tokio_postgres::Error> {
+        match self.statement(sql, params).await {
+            Some(statement) => {
+                let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+                self.client.query(&statement?, &values).await
+            }
+            None => self.client.query_typed(sql, params).await,
+        }
+    }
+
     /// The prepared form of `sql` on this connection, preparing it on first use; `None` when
     /// this connection does not cache statements.
     async fn statement(
@@ -243,7 +260,9 @@ pub(crate) struct Shared {
     pub(crate) channel: String,
     schema: Option<String>,
     target: String,
-    control: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    /// The statement connections, each opened on first use; operations take turns.
+    control: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
+    next: AtomicUsize,
     listener: tokio::sync::Mutex<Option<Listener>>,
 }
 
@@ -270,7 +289,10 @@ impl Shared {
             channel,
             schema: config.schema_name().map(str::to_owned),
             target: config.target(),
-            control: tokio::sync::Mutex::new(None),
+            control: (0..config.connections)
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            next: AtomicUsize::new(0),
             listener: tokio::sync::Mutex::new(None),
         })
     }
@@ -285,9 +307,11 @@ impl Shared {
         &self.target
     }
 
-    /// The control connection, opened on first use and reopened when it broke.
+    /// A statement connection (the next in turn), opened on first use and reopened when it
+    /// broke.
     pub(crate) async fn control(&self) -> Result<Arc<Conn>> {
-        let mut control = self.control.lock().await;
+        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.control.len();
+        let mut control = self.control[slot].lock().await;
         if let Some(conn) = control.as_ref() {
             if !conn.is_closed() {
                 return Ok(Arc::clone(conn));
@@ -298,7 +322,17 @@ impl Shared {
         Ok(conn)
     }
 
-    /// One statement on the control connection, without a prepare round trip.
+    /// Forgets `conn` (it stopped answering): the next operation in its slot opens a new one.
+    async fn forget(&self, conn: &Arc<Conn>) {
+        for slot in &self.control {
+            let mut control = slot.lock().await;
+            if control.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+                *control = None;
+            }
+        }
+    }
+
+    /// One statement on a statement connection, in one round trip.
     pub(crate) async fn query(
         &self,
         what: &str,
@@ -306,18 +340,13 @@ impl Shared {
         params: &[Param<'_>],
     ) -> Result<Vec<Row>> {
         let conn = self.control().await?;
-        let outcome =
-            tokio::time::timeout(self.operation_timeout, conn.client.query_typed(sql, params))
-                .await;
+        let outcome = tokio::time::timeout(self.operation_timeout, conn.query(sql, params)).await;
         match outcome {
             Ok(result) => result.map_err(|e| error::driver(self.backend, what, e)),
             Err(_) => {
                 // A connection that stopped answering is not trusted again: the next operation
-                // opens a new one.
-                let mut control = self.control.lock().await;
-                if control.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
-                    *control = None;
-                }
+                // in its turn opens a new one.
+                self.forget(&conn).await;
                 Err(error::timeout(self.backend, what))
             }
         }
@@ -493,17 +522,7 @@ pub(crate) async fn run(
     sql: &str,
     params: &[Param<'_>],
 ) -> Result<Vec<Row>> {
-    let work = async {
-        match conn.statement(sql, params).await {
-            // Prepared once per connection: later runs skip parsing and planning.
-            Some(statement) => {
-                let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-                conn.client.query(&statement?, &values).await
-            }
-            None => conn.client.query_typed(sql, params).await,
-        }
-    };
-    tokio::time::timeout(timeout, work)
+    tokio::time::timeout(timeout, conn.query(sql, params))
         .await
         .map_err(|_| error::timeout(backend, what))?
         .map_err(|e| error::driver(backend, what, e))

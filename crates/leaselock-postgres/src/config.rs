@@ -14,6 +14,9 @@ pub const DEFAULT_TABLE: &str = "leaselock_locks";
 pub const DEFAULT_COUNTER_TABLE: &str = "leaselock_advisory";
 /// The advisory key prefix when none is configured (see [`advisory_key`](crate::advisory_key)).
 pub const DEFAULT_PREFIX: &str = "leaselock";
+/// How many statement connections a backend opens at most, by default: 4 (see
+/// [`PgConfig::connections`]).
+pub const DEFAULT_CONNECTIONS: usize = 4;
 
 /// Which backend a URL asks for (`strategy=` in [`PgConfig::from_url`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -56,6 +59,7 @@ pub struct PgConfig {
     pub(crate) max_idle_sessions: usize,
     pub(crate) probe_pooler: bool,
     pub(crate) statement_cache: bool,
+    pub(crate) connections: usize,
     #[cfg(feature = "tls")]
     pub(crate) tls_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
@@ -79,6 +83,7 @@ impl PgConfig {
             max_idle_sessions: 4,
             probe_pooler: true,
             statement_cache: true,
+            connections: DEFAULT_CONNECTIONS,
             #[cfg(feature = "tls")]
             tls_roots: Vec::new(),
         }
@@ -95,7 +100,8 @@ impl PgConfig {
     /// - `schema=NAME`: the schema of that table (default: the connection's `search_path`);
     /// - `prefix=NAME`: the advisory key prefix (advisory only, default `leaselock`);
     /// - `sslrootcert=PATH`: a PEM file of CA certificates to trust (with the `tls` feature);
-    /// - `statement_cache=true|false`: see [`PgConfig::statement_cache`] (default `true`).
+    /// - `statement_cache=true|false`: see [`PgConfig::statement_cache`] (default `true`);
+    /// - `connections=N`: see [`PgConfig::connections`] (default 4).
     ///
     /// Errors are [`Error::InvalidInput`] with field `url`, and never contain the password.
     ///
@@ -145,6 +151,15 @@ impl PgConfig {
                 "schema" => config.schema(&value).map_err(as_url_error)?,
                 "prefix" => config.prefix(&value).map_err(as_url_error)?,
                 "sslrootcert" => config.sslrootcert(&value)?,
+                "connections" => {
+                    let n = value.parse::<usize>().map_err(|_| {
+                        Error::invalid(
+                            "url",
+                            format!("connections must be a number, not `{value}`"),
+                        )
+                    })?;
+                    config.connections(n).map_err(as_url_error)?
+                }
                 "statement_cache" => match value.as_str() {
                     "true" => config.statement_cache(true),
                     "false" => config.statement_cache(false),
@@ -229,6 +244,30 @@ impl PgConfig {
     pub fn probe_pooler(mut self, probe: bool) -> Self {
         self.probe_pooler = probe;
         self
+    }
+
+    /// Over how many connections the backend spreads its statements: every lease-table
+    /// operation, and the advisory backend's status, list, pooler probe and cleanup (advisory
+    /// locks themselves each hold a session of their own). Each is opened on first use and
+    /// pipelines concurrent statements; several let the server commit concurrent writes
+    /// together instead of one after another. Default [`DEFAULT_CONNECTIONS`]; 1 to 64.
+    ///
+    /// ```
+    /// use leaselock_postgres::PgConfig;
+    /// let config = PgConfig::from_url("postgres://app@db/app?strategy=table&connections=8")?;
+    /// assert!(format!("{config:?}").contains("connections: 8"));
+    /// assert!(PgConfig::from_url("postgres://app@db/app")?.connections(0).is_err());
+    /// # Ok::<(), leaselock::Error>(())
+    /// ```
+    pub fn connections(mut self, connections: usize) -> Result<Self> {
+        if !(1..=64).contains(&connections) {
+            return Err(Error::invalid(
+                "connections",
+                format!("must be between 1 and 64, not {connections}"),
+            ));
+        }
+        self.connections = connections;
+        Ok(self)
     }
 
     /// Whether each connection prepares its statements once and reuses them (skipping the
@@ -378,6 +417,7 @@ impl fmt::Debug for PgConfig {
             .field("max_idle_sessions", &self.max_idle_sessions)
             .field("probe_pooler", &self.probe_pooler)
             .field("statement_cache", &self.statement_cache)
+            .field("connections", &self.connections)
             .finish_non_exhaustive()
     }
 }
@@ -407,7 +447,8 @@ struct UrlParts {
     ours: Vec<(String, String)>,
 }
 
-const OUR_PARAMS: [&str; 6] = [
+const OUR_PARAMS: [&str; 7] = [
+    "connections",
     "strategy",
     "table",
     "schema",

@@ -50,7 +50,9 @@ use std::sync::Arc;
 pub use backend::advisory::PgAdvisoryBackend;
 pub use backend::table::PgTableBackend;
 pub use backend::{advisory_key, advisory_lock_parts};
-pub use config::{PgConfig, Strategy, DEFAULT_COUNTER_TABLE, DEFAULT_PREFIX, DEFAULT_TABLE};
+pub use config::{
+    PgConfig, Strategy, DEFAULT_CONNECTIONS, DEFAULT_COUNTER_TABLE, DEFAULT_PREFIX, DEFAULT_TABLE,
+};
 
 /// The backend a URL describes: `postgres://…` or `postgresql://…` with leaselock's own query
 /// parameters `strategy=advisory|table` (default `advisory`), `table=`, `schema=`, `prefix=`
