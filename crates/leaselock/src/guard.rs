@@ -387,7 +387,25 @@ async fn release_with_retries(held: &Held, lease: &Lease) -> Result<bool> {
     let started = Instant::now();
     let mut backoff = Duration::from_millis(50);
     loop {
-        match held.backend.release(lease).await {
+        let attempt = held.backend.release(lease);
+        let outcome = if held.release_timeout.is_zero() {
+            attempt.await
+        } else {
+            // A database that never answers must not hold the caller past the release timeout.
+            let left = held.release_timeout.saturating_sub(started.elapsed());
+            tokio::time::timeout(left, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::transient(
+                        held.backend.capabilities().backend,
+                        format!(
+                            "the release got no answer within the release timeout ({:?})",
+                            held.release_timeout
+                        ),
+                    ))
+                })
+        };
+        match outcome {
             Err(error)
                 if error.is_retryable() && started.elapsed() + backoff < held.release_timeout =>
             {

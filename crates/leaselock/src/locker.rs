@@ -202,8 +202,10 @@ impl LockerBuilder {
     }
 
     /// How long a release keeps retrying transient errors (a dropped connection, a busy
-    /// database) before it gives up loudly, leaving the lease to expire. Default: 10 s
-    /// ([`DEFAULT_RELEASE_TIMEOUT`]); at most one hour; zero means one attempt.
+    /// database) before it gives up loudly, leaving the lease to expire; an attempt that gets no
+    /// answer at all is abandoned when this runs out. Default: 10 s
+    /// ([`DEFAULT_RELEASE_TIMEOUT`]); at most one hour; zero means one attempt, however long it
+    /// takes.
     pub fn release_timeout(mut self, release_timeout: Duration) -> Self {
         self.release_timeout = release_timeout;
         self
@@ -982,6 +984,66 @@ mod tests {
             .await
             .expect("a session that cannot be checked must count as lost");
         assert!(reason.contains("lease duration"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn a_release_that_gets_no_answer_ends_at_the_release_timeout() {
+        /// Releases never answer.
+        #[derive(Debug)]
+        struct HangingRelease(HangingSession);
+        #[async_trait::async_trait]
+        impl LockBackend for HangingRelease {
+            fn capabilities(&self) -> Capabilities {
+                self.0.capabilities()
+            }
+            async fn init_storage(&self) -> Result<()> {
+                Ok(())
+            }
+            async fn check_storage(&self) -> Result<()> {
+                Ok(())
+            }
+            async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
+                self.0.try_acquire(request).await
+            }
+            async fn refresh(&self, lease: &Lease) -> Result<Lease> {
+                Ok(lease.clone())
+            }
+            async fn verify(&self, _lease: &Lease) -> Result<bool> {
+                Ok(true)
+            }
+            async fn release(&self, _lease: &Lease) -> Result<bool> {
+                std::future::pending().await
+            }
+            async fn status(&self, key: &LockKey) -> Result<LockState> {
+                self.0.status(key).await
+            }
+            async fn list(&self) -> Result<Vec<LockInfo>> {
+                self.0.list().await
+            }
+            async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+                self.0.force_release(key).await
+            }
+            async fn release_expired(&self) -> Result<u64> {
+                Ok(0)
+            }
+            async fn watch_release(&self, _key: &LockKey) -> Result<Option<crate::Wakeup>> {
+                Ok(None)
+            }
+            fn watch_lost(&self, _lease: &Lease) -> Option<crate::Wakeup> {
+                None
+            }
+        }
+        let locker = Locker::builder(HangingRelease(HangingSession(MemoryBackend::new())))
+            .release_timeout(Duration::from_millis(200))
+            .build()
+            .unwrap();
+        let guard = locker.acquire("k").await.unwrap().unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(20), guard.release())
+            .await
+            .expect("a release must not outlast its release timeout");
+        let err = outcome.unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        assert!(err.to_string().contains("no answer"), "{err}");
     }
 
     #[tokio::test]
