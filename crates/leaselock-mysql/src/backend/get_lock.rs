@@ -595,6 +595,10 @@ impl LockBackend for MysqlGetLockBackend {
         let name = self.lock_name(key);
         let sent = SystemTime::now();
         let mut conn = shared.conn().await?;
+        // From here until it is known to hold nothing, this connection is reset if it goes back
+        // to the pool (which frees user locks): also when this future is dropped mid-statement
+        // (a caller's timeout or select!), after GET_LOCK may have succeeded on the server.
+        conn.reset_connection(true);
         let params = (
             key.as_str(),
             name.as_str(),
@@ -613,6 +617,8 @@ impl LockBackend for MysqlGetLockBackend {
             (1, None) => (1, false),
             (2, Some(id)) => (id & !UNCLEAN_BIT, id & UNCLEAN_BIT != 0),
             (0, _) => {
+                // GET_LOCK returned 0: the connection holds nothing and can go back as it is.
+                conn.reset_connection(false);
                 let probe = self.probe(&mut conn, key).await?;
                 let holder = match probe.consistent() {
                     true => self.holder(key, probe)?,
@@ -628,8 +634,7 @@ impl LockBackend for MysqlGetLockBackend {
             }
         };
         // Whatever happens to this connection now, it must not go back to the pool holding the
-        // lock: a pooled connection is reset (which frees user locks) before reuse.
-        conn.reset_connection(true);
+        // lock: it stays marked for a reset (which frees user locks) until a clean release.
         let (lost, _) = watch::channel(None);
         let held = Arc::new(Held {
             key: key.clone(),
