@@ -875,11 +875,39 @@ async fn scale(config: &Config, target: &Target, run: &str) -> Result<Scale> {
     let refresh_errors = counting.refresh_errors.load(Ordering::Relaxed) - errors_start;
     let guards = std::mem::take(&mut *guards.lock().unwrap_or_else(|p| p.into_inner()));
     let lost = guards.iter().filter(|g| g.is_lost()).count();
-    for_each_limited(guards, 32, |guard| async move {
-        guard.release().await?;
-        Ok(())
+    // The window's figures are taken: a server that cannot answer the releases afterwards
+    // (each one waits at most the locker's release timeout) is reported, not a failed measure.
+    let failed_releases = Arc::new(AtomicU64::new(0));
+    let first_failure: Arc<Mutex<Option<String>>> = Arc::default();
+    let (failed, first) = (Arc::clone(&failed_releases), Arc::clone(&first_failure));
+    for_each_limited(guards, 32, move |guard| {
+        let (failed, first) = (Arc::clone(&failed), Arc::clone(&first));
+        async move {
+            if let Err(error) = guard.release().await {
+                failed.fetch_add(1, Ordering::Relaxed);
+                first
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(|| error.to_string());
+            }
+            Ok(())
+        }
     })
     .await?;
+    let failed_releases = failed_releases.load(Ordering::Relaxed);
+    if failed_releases > 0 {
+        let first = first_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default();
+        say(
+            target.id,
+            format!(
+                "scale: !!! {failed_releases} of {acquired} releases failed after the window                  (first: {first}); their leases expire on their own"
+            ),
+        );
+    }
     Ok(Scale {
         leases: config.scale_leases,
         acquired,
