@@ -60,14 +60,4 @@ async fn setup() -> Option<Dynamo> {
     Some(Dynamo { url })
 }
 
-leaselock_conformance::fault_tests!(
-    setup;
-    holder_killed_frees_lock,
-    holder_paused_loses_lease,
-    partitioned_holder_is_told,
-    partitioned_holder_loses_first,
-    partitioned_holder_check_returns,
-    server_restart_no_double_owner,
-    clock_skew_no_double_grant,
-    soak_across_processes,
-);
+leaselock_conformance::fault_tests!(setup);

@@ -95,17 +95,7 @@ mod get_lock {
         .await
     }
 
-    leaselock_conformance::fault_tests!(
-        setup;
-        holder_killed_frees_lock,
-        holder_paused_loses_lease,
-        partitioned_holder_is_told,
-        partitioned_holder_loses_first,
-        partitioned_holder_check_returns,
-        server_restart_no_double_owner,
-        clock_skew_no_double_grant,
-        soak_across_processes,
-    );
+    leaselock_conformance::fault_tests!(setup);
 }
 
 mod table {
@@ -120,15 +110,5 @@ mod table {
         .await
     }
 
-    leaselock_conformance::fault_tests!(
-        setup;
-        holder_killed_frees_lock,
-        holder_paused_loses_lease,
-        partitioned_holder_is_told,
-        partitioned_holder_loses_first,
-        partitioned_holder_check_returns,
-        server_restart_no_double_owner,
-        clock_skew_no_double_grant,
-        soak_across_processes,
-    );
+    leaselock_conformance::fault_tests!(setup);
 }
