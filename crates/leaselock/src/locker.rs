@@ -914,9 +914,29 @@ mod tests {
             .is_held());
     }
 
-    /// A session-lock backend whose connection hangs (a partition): refreshes never answer.
+    /// A session-lock backend whose connection hangs (a partition): refreshes and checks never
+    /// answer. [`HangingSession::releases`] hangs releases instead, and answers the rest.
     #[derive(Debug)]
-    struct HangingSession(MemoryBackend);
+    struct HangingSession {
+        store: MemoryBackend,
+        hang_release: bool,
+    }
+
+    impl HangingSession {
+        fn checks() -> Self {
+            Self {
+                store: MemoryBackend::new(),
+                hang_release: false,
+            }
+        }
+
+        fn releases() -> Self {
+            Self {
+                store: MemoryBackend::new(),
+                hang_release: true,
+            }
+        }
+    }
 
     #[async_trait::async_trait]
     impl LockBackend for HangingSession {
@@ -934,7 +954,7 @@ mod tests {
             Ok(())
         }
         async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
-            Ok(match self.0.try_acquire(request).await? {
+            Ok(match self.store.try_acquire(request).await? {
                 AcquireOutcome::Acquired(lease) => AcquireOutcome::Acquired(Lease::new(
                     lease.key,
                     lease.owner,
@@ -944,23 +964,32 @@ mod tests {
                 held => held,
             })
         }
-        async fn refresh(&self, _lease: &Lease) -> Result<Lease> {
-            std::future::pending().await
+        async fn refresh(&self, lease: &Lease) -> Result<Lease> {
+            if !self.hang_release {
+                std::future::pending::<()>().await;
+            }
+            Ok(lease.clone())
         }
         async fn verify(&self, _lease: &Lease) -> Result<bool> {
-            std::future::pending().await
+            if !self.hang_release {
+                std::future::pending::<()>().await;
+            }
+            Ok(true)
         }
         async fn release(&self, _lease: &Lease) -> Result<bool> {
+            if self.hang_release {
+                std::future::pending::<()>().await;
+            }
             Ok(false)
         }
         async fn status(&self, key: &LockKey) -> Result<LockState> {
-            self.0.status(key).await
+            self.store.status(key).await
         }
         async fn list(&self) -> Result<Vec<LockInfo>> {
-            self.0.list().await
+            self.store.list().await
         }
         async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>> {
-            self.0.force_release(key).await
+            self.store.force_release(key).await
         }
         async fn release_expired(&self) -> Result<u64> {
             Ok(0)
@@ -975,7 +1004,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_hanging_session_is_lost_after_one_lease_duration() {
-        let locker = Locker::builder(HangingSession(MemoryBackend::new()))
+        let locker = Locker::builder(HangingSession::checks())
             .lease_duration(Duration::from_millis(300))
             .build()
             .unwrap();
@@ -988,52 +1017,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_release_that_gets_no_answer_ends_at_the_release_timeout() {
-        /// Releases never answer.
-        #[derive(Debug)]
-        struct HangingRelease(HangingSession);
-        #[async_trait::async_trait]
-        impl LockBackend for HangingRelease {
-            fn capabilities(&self) -> Capabilities {
-                self.0.capabilities()
-            }
-            async fn init_storage(&self) -> Result<()> {
-                Ok(())
-            }
-            async fn check_storage(&self) -> Result<()> {
-                Ok(())
-            }
-            async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
-                self.0.try_acquire(request).await
-            }
-            async fn refresh(&self, lease: &Lease) -> Result<Lease> {
-                Ok(lease.clone())
-            }
-            async fn verify(&self, _lease: &Lease) -> Result<bool> {
-                Ok(true)
-            }
-            async fn release(&self, _lease: &Lease) -> Result<bool> {
-                std::future::pending().await
-            }
-            async fn status(&self, key: &LockKey) -> Result<LockState> {
-                self.0.status(key).await
-            }
-            async fn list(&self) -> Result<Vec<LockInfo>> {
-                self.0.list().await
-            }
-            async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>> {
-                self.0.force_release(key).await
-            }
-            async fn release_expired(&self) -> Result<u64> {
-                Ok(0)
-            }
-            async fn watch_release(&self, _key: &LockKey) -> Result<Option<crate::Wakeup>> {
-                Ok(None)
-            }
-            fn watch_lost(&self, _lease: &Lease) -> Option<crate::Wakeup> {
-                None
-            }
-        }
-        let locker = Locker::builder(HangingRelease(HangingSession(MemoryBackend::new())))
+        let locker = Locker::builder(HangingSession::releases())
             .release_timeout(Duration::from_millis(200))
             .build()
             .unwrap();
@@ -1048,7 +1032,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_check_on_a_hanging_backend_ends_at_the_deadline() {
-        let locker = Locker::builder(HangingSession(MemoryBackend::new()))
+        let locker = Locker::builder(HangingSession::checks())
             .lease_duration(Duration::from_millis(300))
             .build()
             .unwrap();
@@ -1064,7 +1048,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unrefreshed_session_is_not_bounded() {
-        let locker = Locker::builder(HangingSession(MemoryBackend::new()))
+        let locker = Locker::builder(HangingSession::checks())
             .lease_duration(Duration::from_millis(100))
             .refresh(false)
             .build()
