@@ -18,8 +18,9 @@ pub type Wakeup = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 /// The locking contract: one round trip per operation wherever the database allows, no waiting,
 /// no retries, no hooks. Those belong to the orchestrator, [`crate::Locker`].
 ///
-/// Every method is required, so a backend author thinks about each one. Keys, owners and lease
-/// durations arrive already validated. The shared conformance suite (`leaselock-conformance`)
+/// Every method but [`LockBackend::refresh_many`] (which defaults to one refresh after another) is
+/// required, so a backend author thinks about each one. Keys, owners and lease durations arrive
+/// already validated. The shared conformance suite (`leaselock-conformance`)
 /// checks an implementation against a real server.
 ///
 /// ```
@@ -64,6 +65,43 @@ pub trait LockBackend: Send + Sync + Debug {
     /// orchestrator verifies it instead, and a lease backend may refuse to refresh it with
     /// [`crate::Error::InvalidInput`].
     async fn refresh(&self, lease: &Lease) -> Result<Lease>;
+
+    /// Refreshes several leases, in as few round trips as the database allows: one result per
+    /// lease, in the order given, each what [`LockBackend::refresh`] would have returned for it
+    /// (a lost lease is [`crate::Error::Lost`] and does not keep the others from being
+    /// refreshed). An error of the whole call (the connection dropped) is returned for every
+    /// lease. The leases may hold different keys with different durations, and two of them may
+    /// name the same key (a stale lease beside its successor).
+    ///
+    /// The orchestrator calls it only with at most [`Capabilities::max_refresh_batch`] leases,
+    /// and only when that is above 1. The default refreshes one lease after the other; a backend
+    /// that can do better (one transaction, one statement) overrides it and raises
+    /// `max_refresh_batch`.
+    ///
+    /// ```
+    /// use leaselock::{AcquireOutcome, AcquireRequest, LockBackend, LockKey, MemoryBackend, OwnerId};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> leaselock::Result<()> {
+    /// let backend = MemoryBackend::new();
+    /// let mut leases = Vec::new();
+    /// for key in ["a", "b"] {
+    ///     let req = AcquireRequest::new(LockKey::new(key)?, OwnerId::new("me")?, Duration::from_secs(5))?;
+    ///     let AcquireOutcome::Acquired(lease) = backend.try_acquire(&req).await? else { panic!() };
+    ///     leases.push(lease);
+    /// }
+    /// backend.force_release(&LockKey::new("b")?).await?;
+    /// let results = backend.refresh_many(&leases).await;
+    /// assert!(results[0].is_ok());
+    /// assert!(matches!(results[1], Err(leaselock::Error::Lost { .. })));
+    /// # Ok(()) }
+    /// ```
+    async fn refresh_many(&self, leases: &[Lease]) -> Vec<Result<Lease>> {
+        let mut results = Vec::with_capacity(leases.len());
+        for lease in leases {
+            results.push(self.refresh(lease).await);
+        }
+        results
+    }
 
     /// Whether `lease` (its owner and fencing token) still holds its key and has not expired.
     async fn verify(&self, lease: &Lease) -> Result<bool>;
@@ -113,6 +151,9 @@ impl<B: LockBackend + ?Sized> LockBackend for Arc<B> {
     }
     async fn refresh(&self, lease: &Lease) -> Result<Lease> {
         (**self).refresh(lease).await
+    }
+    async fn refresh_many(&self, leases: &[Lease]) -> Vec<Result<Lease>> {
+        (**self).refresh_many(leases).await
     }
     async fn verify(&self, lease: &Lease) -> Result<bool> {
         (**self).verify(lease).await

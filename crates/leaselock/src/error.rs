@@ -126,6 +126,60 @@ impl Error {
         }
     }
 
+    /// This error once for each of `n` operations that failed together (a batch whose
+    /// connection dropped, say), for [`crate::LockBackend::refresh_many`]: the first is this
+    /// error itself, the others carry its kind, message and retryability (a driver's error
+    /// becomes its message).
+    ///
+    /// ```
+    /// use leaselock::Error;
+    /// let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+    /// let errors = Error::transient("example", reset).for_batch(3);
+    /// assert_eq!(errors.len(), 3);
+    /// assert!(errors.iter().all(|e| e.is_retryable() && e.to_string() == "example: reset"));
+    /// ```
+    pub fn for_batch(self, n: usize) -> Vec<Error> {
+        let mut errors: Vec<Error> = (1..n).map(|_| self.duplicate()).collect();
+        if n > 0 {
+            errors.insert(0, self);
+        }
+        errors
+    }
+
+    fn duplicate(&self) -> Error {
+        let message = |source: &BoxError| -> BoxError { source.to_string().into() };
+        match self {
+            Error::InvalidInput { field, reason } => Error::invalid(field, reason.clone()),
+            Error::Held { key, holder } => Error::Held {
+                key: key.clone(),
+                holder: holder.clone(),
+            },
+            Error::Lost { key, reason } => Error::lost(key, reason.clone()),
+            Error::NotInitialized { backend, what } => Error::NotInitialized {
+                backend,
+                what: what.clone(),
+            },
+            Error::NotAccessible {
+                backend,
+                what,
+                source,
+            } => Error::NotAccessible {
+                backend,
+                what: what.clone(),
+                source: source.as_ref().map(message),
+            },
+            Error::Backend {
+                backend,
+                retryable,
+                source,
+            } => Error::Backend {
+                backend,
+                retryable: *retryable,
+                source: message(source),
+            },
+        }
+    }
+
     /// Whether the operation may succeed if tried again later: transient backend failures and
     /// unreachable storage. Invalid input, a lost lease and missing storage are permanent; a held
     /// lock is a normal outcome that waiting (not retrying) resolves.

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use crate::backend::{LockBackend, Wakeup};
 use crate::error::{Error, Result};
 use crate::hooks::{call_hook, LockHooks, Operation};
+use crate::refresher::Refresher;
 use crate::types::{FencingToken, Lease, LockKey, OwnerId};
 
 /// Fires once when a held lease is lost. Clone it freely; await [`LostSignal::wait`] in a
@@ -74,6 +75,8 @@ impl LostSignal {
 pub(crate) struct Held {
     pub(crate) backend: Arc<dyn LockBackend>,
     pub(crate) hooks: Arc<dyn LockHooks>,
+    /// Where refreshes go when the backend batches them; `None`: straight to the backend.
+    refresher: Option<Arc<Refresher>>,
     release_timeout: Duration,
     lease: Mutex<Lease>,
     lost_tx: watch::Sender<Option<Arc<str>>>,
@@ -281,6 +284,8 @@ pub(crate) struct GuardConfig {
     /// it lost. A partitioned session may be ended by the server at any time, so the holder must
     /// not trust it for ever. The locker's lease duration.
     pub(crate) session_bound: Duration,
+    /// The locker's batching refresher, for a lease it may refresh in batches.
+    pub(crate) refresher: Option<Arc<Refresher>>,
 }
 
 impl LockGuard {
@@ -320,6 +325,7 @@ impl LockGuard {
         let held = Arc::new(Held {
             backend,
             hooks,
+            refresher: config.refresher,
             release_timeout: config.release_timeout,
             lease: Mutex::new(lease.clone()),
             lost_tx,
@@ -519,7 +525,10 @@ async fn run_daemon(
         let sent_at = Instant::now();
         let check = async {
             if !verify_only {
-                return held.backend.refresh(&lease).await;
+                return match &held.refresher {
+                    Some(refresher) => refresher.refresh(lease.clone()).await,
+                    None => held.backend.refresh(&lease).await,
+                };
             }
             match held.backend.verify(&lease).await {
                 Ok(true) => Ok(lease.clone()),

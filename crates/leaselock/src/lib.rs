@@ -8,6 +8,7 @@ mod guard;
 mod hooks;
 mod locker;
 mod memory;
+mod refresher;
 mod types;
 mod unwind;
 

@@ -12,6 +12,7 @@ use crate::config::{OnUnavailable, WaitPolicy};
 use crate::error::{Error, Result};
 use crate::guard::{catch_panic, GuardConfig, LockContext, LockGuard};
 use crate::hooks::{call_hook, LockHooks, NoHooks, Operation};
+use crate::refresher::Refresher;
 use crate::types::{
     validate_lease_duration, AcquireOutcome, AcquireRequest, Capabilities, LockInfo, LockKey,
     LockState, OwnerId,
@@ -21,6 +22,9 @@ use crate::types::{
 pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(60);
 /// The default time a release keeps retrying transient errors: 10 seconds.
 pub const DEFAULT_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest default refresh batch window (see [`LockerBuilder::refresh_batch_window`]).
+const MAX_DEFAULT_BATCH_WINDOW: Duration = Duration::from_secs(1);
 
 /// What [`Locker::run_if_needed`] did.
 ///
@@ -94,6 +98,7 @@ pub struct LockerBuilder {
     expires: bool,
     refresh: bool,
     refresh_interval: Option<Duration>,
+    refresh_batch_window: Option<Duration>,
     wait: WaitPolicy,
     on_unavailable: OnUnavailable,
     verify_after_acquire: bool,
@@ -112,6 +117,7 @@ impl fmt::Debug for LockerBuilder {
             .field("expires", &self.expires)
             .field("refresh", &self.refresh)
             .field("refresh_interval", &self.refresh_interval)
+            .field("refresh_batch_window", &self.refresh_batch_window)
             .field("wait", &self.wait)
             .field("on_unavailable", &self.on_unavailable)
             .field("verify_after_acquire", &self.verify_after_acquire)
@@ -176,6 +182,28 @@ impl LockerBuilder {
     /// two refreshes can fail before the lease runs out. Must be shorter than the lease duration.
     pub fn refresh_interval(mut self, refresh_interval: Duration) -> Self {
         self.refresh_interval = Some(refresh_interval);
+        self
+    }
+
+    /// How long the refresh daemon gathers the leases that fall due together into one batched
+    /// refresh ([`LockBackend::refresh_many`]), on a backend that batches
+    /// ([`crate::Capabilities::max_refresh_batch`] above 1): the first lease due waits up to this
+    /// long for others, so a process holding thousands of leases refreshes them in a few
+    /// statements a second instead of one each. Default: a twentieth of the refresh interval, at
+    /// most 1 s. Zero refreshes every lease on its own the moment it is due. Must be shorter than
+    /// the refresh interval. A lease's local deadline still runs from before its refresh was
+    /// queued, so waiting in a batch never stretches how long a holder trusts its lease.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use leaselock::{Locker, MemoryBackend};
+    /// let locker = Locker::builder(MemoryBackend::new())
+    ///     .refresh_batch_window(Duration::ZERO) // one refresh per lease, at once
+    ///     .build()?;
+    /// # Ok::<(), leaselock::Error>(())
+    /// ```
+    pub fn refresh_batch_window(mut self, window: Duration) -> Self {
+        self.refresh_batch_window = Some(window);
         self
     }
 
@@ -256,6 +284,18 @@ impl LockerBuilder {
             }
             None => lease_duration / 3,
         };
+        let refresh_batch_window = match self.refresh_batch_window {
+            Some(window) if window >= refresh_interval => {
+                return Err(Error::invalid(
+                    "refresh_batch_window",
+                    format!(
+                        "{window:?} must be shorter than the refresh interval {refresh_interval:?}"
+                    ),
+                ));
+            }
+            Some(window) => window,
+            None => (refresh_interval / 20).min(MAX_DEFAULT_BATCH_WINDOW),
+        };
         self.wait.validate()?;
         if self.release_timeout > Duration::from_secs(3600) {
             return Err(Error::invalid(
@@ -264,6 +304,14 @@ impl LockerBuilder {
             ));
         }
         let capabilities = self.backend.capabilities();
+        let batches = capabilities.max_refresh_batch > 1 && !refresh_batch_window.is_zero();
+        let refresher = (batches && self.refresh && self.expires).then(|| {
+            Arc::new(Refresher::new(
+                Arc::clone(&self.backend),
+                refresh_batch_window,
+                capabilities.max_refresh_batch,
+            ))
+        });
         Ok(Locker {
             inner: Arc::new(Inner {
                 backend: self.backend,
@@ -273,6 +321,7 @@ impl LockerBuilder {
                 expires: self.expires,
                 refresh: self.refresh,
                 refresh_interval,
+                refresher,
                 wait: self.wait,
                 on_unavailable: self.on_unavailable,
                 verify_after_acquire: self.verify_after_acquire,
@@ -313,6 +362,8 @@ struct Inner {
     expires: bool,
     refresh: bool,
     refresh_interval: Duration,
+    /// Batches refreshes when the backend can (see [`LockerBuilder::refresh_batch_window`]).
+    refresher: Option<Arc<Refresher>>,
     wait: WaitPolicy,
     on_unavailable: OnUnavailable,
     verify_after_acquire: bool,
@@ -331,6 +382,7 @@ impl fmt::Debug for Locker {
             .field("expires", &i.expires)
             .field("refresh", &i.refresh)
             .field("refresh_interval", &i.refresh_interval)
+            .field("refresher", &i.refresher)
             .field("wait", &i.wait)
             .field("on_unavailable", &i.on_unavailable)
             .field("verify_after_acquire", &i.verify_after_acquire)
@@ -351,6 +403,7 @@ impl Locker {
             expires: true,
             refresh: true,
             refresh_interval: None,
+            refresh_batch_window: None,
             wait: WaitPolicy::default(),
             on_unavailable: OnUnavailable::default(),
             verify_after_acquire: false,
@@ -498,6 +551,7 @@ impl Locker {
         let i = &self.inner;
         // A lock without expiry on a lease backend has nothing to refresh: verify it instead.
         let verify_only = lease.ttl.is_none() && i.capabilities.kind == crate::LockKind::Lease;
+        let ttl = lease.ttl;
         LockGuard::start(
             Arc::clone(&i.backend),
             Arc::clone(&i.hooks),
@@ -508,6 +562,10 @@ impl Locker {
                 verify_only,
                 release_timeout: i.release_timeout,
                 session_bound: i.lease_duration,
+                refresher: i
+                    .refresher
+                    .clone()
+                    .filter(|_| ttl.is_some() && !verify_only),
             },
         )
     }
@@ -1530,6 +1588,172 @@ mod tests {
         assert_eq!(
             store.status(&LockKey::new("k").unwrap()).await.unwrap(),
             LockState::Free
+        );
+    }
+
+    /// A memory store that batches at most 8 leases a call, and records every refresh call.
+    #[derive(Debug, Default)]
+    struct CountingBatches {
+        store: MemoryBackend,
+        /// The size of every `refresh_many` call.
+        batches: std::sync::Mutex<Vec<usize>>,
+        /// How many single `refresh` calls came.
+        singles: AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl LockBackend for CountingBatches {
+        fn capabilities(&self) -> Capabilities {
+            let mut caps = self.store.capabilities();
+            caps.max_refresh_batch = 8;
+            caps
+        }
+        async fn init_storage(&self) -> Result<()> {
+            self.store.init_storage().await
+        }
+        async fn check_storage(&self) -> Result<()> {
+            self.store.check_storage().await
+        }
+        async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
+            self.store.try_acquire(request).await
+        }
+        async fn refresh(&self, lease: &Lease) -> Result<Lease> {
+            self.singles.fetch_add(1, Ordering::SeqCst);
+            self.store.refresh(lease).await
+        }
+        async fn refresh_many(&self, leases: &[Lease]) -> Vec<Result<Lease>> {
+            self.batches.lock().unwrap().push(leases.len());
+            self.store.refresh_many(leases).await
+        }
+        async fn verify(&self, lease: &Lease) -> Result<bool> {
+            self.store.verify(lease).await
+        }
+        async fn release(&self, lease: &Lease) -> Result<bool> {
+            self.store.release(lease).await
+        }
+        async fn status(&self, key: &LockKey) -> Result<LockState> {
+            self.store.status(key).await
+        }
+        async fn list(&self) -> Result<Vec<LockInfo>> {
+            self.store.list().await
+        }
+        async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>> {
+            self.store.force_release(key).await
+        }
+        async fn release_expired(&self) -> Result<u64> {
+            self.store.release_expired().await
+        }
+        async fn watch_release(&self, key: &LockKey) -> Result<Option<crate::Wakeup>> {
+            self.store.watch_release(key).await
+        }
+        fn watch_lost(&self, _lease: &Lease) -> Option<crate::Wakeup> {
+            // Like most lease backends: a loss is found by the next refresh, in its batch.
+            None
+        }
+    }
+
+    fn batching_locker(backend: &Arc<CountingBatches>, window: Duration) -> Locker {
+        Locker::builder(Arc::clone(backend))
+            .lease_duration(Duration::from_secs(3))
+            .refresh_interval(Duration::from_secs(1))
+            .refresh_batch_window(window)
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leases_due_together_are_refreshed_in_batches() {
+        let backend = Arc::new(CountingBatches::default());
+        let locker = batching_locker(&backend, Duration::from_millis(300));
+        let mut guards = Vec::new();
+        for n in 0..20 {
+            guards.push(locker.acquire(format!("k{n}")).await.unwrap().unwrap());
+        }
+        // Past the first lease duration: only refreshes kept them.
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        for guard in &guards {
+            assert!(!guard.is_lost(), "{:?}", guard.lost().reason());
+            let lease = guard.lease().unwrap();
+            assert!(backend.store.verify(&lease).await.unwrap());
+        }
+        let batches = backend.batches.lock().unwrap().clone();
+        assert_eq!(backend.singles.load(Ordering::SeqCst), 0, "{batches:?}");
+        assert!(batches.iter().all(|&n| (1..=8).contains(&n)), "{batches:?}");
+        assert!(batches.iter().any(|&n| n > 1), "never batched: {batches:?}");
+        assert!(
+            batches.iter().sum::<usize>() >= 40,
+            "two refreshes per lease at least: {batches:?}"
+        );
+        for guard in guards {
+            assert!(guard.release().await.unwrap());
+        }
+        assert!(backend.store.list().await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_lost_in_a_batch_is_told_alone() {
+        let backend = Arc::new(CountingBatches::default());
+        let locker = batching_locker(&backend, Duration::from_millis(300));
+        let mut guards = Vec::new();
+        for n in 0..3 {
+            guards.push(locker.acquire(format!("k{n}")).await.unwrap().unwrap());
+        }
+        let broken = LockKey::new("k1").unwrap();
+        assert!(backend
+            .store
+            .force_release(&broken)
+            .await
+            .unwrap()
+            .is_some());
+        let reason = tokio::time::timeout(Duration::from_secs(10), guards[1].lost().wait())
+            .await
+            .expect("the batched refresh reports the broken lease");
+        assert!(reason.contains("released"), "{reason}");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!guards[0].is_lost() && !guards[2].is_lost());
+        assert!(backend.batches.lock().unwrap().iter().any(|&n| n > 1));
+        let mut guards = guards.into_iter();
+        assert!(guards.next().unwrap().release().await.unwrap());
+        assert!(!guards.next().unwrap().release().await.unwrap());
+        assert!(guards.next().unwrap().release().await.unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_zero_batch_window_refreshes_each_lease_alone() {
+        let backend = Arc::new(CountingBatches::default());
+        let locker = Locker::builder(Arc::clone(&backend))
+            .lease_duration(Duration::from_millis(600))
+            .refresh_batch_window(Duration::ZERO)
+            .build()
+            .unwrap();
+        let guards = [
+            locker.acquire("a").await.unwrap().unwrap(),
+            locker.acquire("b").await.unwrap().unwrap(),
+        ];
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(backend.singles.load(Ordering::SeqCst) >= 2);
+        assert!(backend.batches.lock().unwrap().is_empty());
+        for guard in guards {
+            assert!(guard.release().await.unwrap());
+        }
+    }
+
+    #[test]
+    fn batch_window_must_be_shorter_than_the_refresh_interval() {
+        let err = Locker::builder(MemoryBackend::new())
+            .lease_duration(Duration::from_secs(30))
+            .refresh_batch_window(Duration::from_secs(10))
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidInput {
+                    field: "refresh_batch_window",
+                    ..
+                }
+            ),
+            "{err}"
         );
     }
 }

@@ -17,6 +17,9 @@ use crate::types::{
 
 const NAME: &str = "memory";
 
+/// Leases one batched refresh takes (one lock of the store each).
+const MAX_REFRESH_BATCH: usize = 1000;
+
 /// Locks in this process's memory. Clones share the same storage, so clones act like separate
 /// connections to one database. Expiry follows this process's monotonic clock.
 ///
@@ -94,6 +97,37 @@ impl Holder {
     }
 }
 
+fn not_initialized() -> Error {
+    Error::NotInitialized {
+        backend: NAME,
+        what: "the in-memory store was created uninitialized".into(),
+    }
+}
+
+/// Extends `lease` in `keys` if it still holds its key.
+fn refresh_in(keys: &mut BTreeMap<LockKey, Entry>, lease: &Lease, now: Instant) -> Result<Lease> {
+    let ttl = lease
+        .ttl
+        .ok_or_else(|| Error::invalid("lease", "a lease without a duration cannot be refreshed"))?;
+    match keys.get_mut(&lease.key).and_then(|e| e.holder.as_mut()) {
+        Some(holder) if holder.matches(lease) && holder.ttl.is_none() => Err(Error::invalid(
+            "lease",
+            "a lock without expiry has nothing to refresh",
+        )),
+        Some(holder) if holder.matches(lease) && !holder.is_expired(now) => {
+            holder.ttl = Some(ttl);
+            holder.expires = Some(now + ttl);
+            holder.expires_at = Some(SystemTime::now() + ttl);
+            Ok(holder.lease(&lease.key))
+        }
+        Some(holder) if holder.matches(lease) => Err(Error::lost(&lease.key, "the lease expired")),
+        _ => Err(Error::lost(
+            &lease.key,
+            "the lease was released or taken over",
+        )),
+    }
+}
+
 impl Default for MemoryBackend {
     fn default() -> Self {
         Self::new()
@@ -132,10 +166,7 @@ impl MemoryBackend {
 
     fn keys(&self) -> Result<MutexGuard<'_, BTreeMap<LockKey, Entry>>> {
         if !self.shared.initialized.load(Ordering::SeqCst) {
-            return Err(Error::NotInitialized {
-                backend: NAME,
-                what: "the in-memory store was created uninitialized".into(),
-            });
+            return Err(not_initialized());
         }
         // A panic while holding this lock cannot leave an entry half-written: recover.
         Ok(self
@@ -156,6 +187,7 @@ impl LockBackend for MemoryBackend {
         let mut caps = Capabilities::new(NAME, LockKind::Lease, ExpiryClock::Process);
         caps.release_notifications = true;
         caps.lost_notifications = true;
+        caps.max_refresh_batch = MAX_REFRESH_BATCH;
         caps
     }
 
@@ -195,30 +227,19 @@ impl LockBackend for MemoryBackend {
     }
 
     async fn refresh(&self, lease: &Lease) -> Result<Lease> {
-        let ttl = lease.ttl.ok_or_else(|| {
-            Error::invalid("lease", "a lease without a duration cannot be refreshed")
-        })?;
+        refresh_in(&mut *self.keys()?, lease, Instant::now())
+    }
+
+    /// All of them under one lock of the store.
+    async fn refresh_many(&self, leases: &[Lease]) -> Vec<Result<Lease>> {
         let now = Instant::now();
-        let mut keys = self.keys()?;
-        match keys.get_mut(&lease.key).and_then(|e| e.holder.as_mut()) {
-            Some(holder) if holder.matches(lease) && holder.ttl.is_none() => Err(Error::invalid(
-                "lease",
-                "a lock without expiry has nothing to refresh",
-            )),
-            Some(holder) if holder.matches(lease) && !holder.is_expired(now) => {
-                holder.ttl = Some(ttl);
-                holder.expires = Some(now + ttl);
-                holder.expires_at = Some(SystemTime::now() + ttl);
-                Ok(holder.lease(&lease.key))
-            }
-            Some(holder) if holder.matches(lease) => {
-                Err(Error::lost(&lease.key, "the lease expired"))
-            }
-            _ => Err(Error::lost(
-                &lease.key,
-                "the lease was released or taken over",
-            )),
-        }
+        let Ok(mut keys) = self.keys() else {
+            return leases.iter().map(|_| Err(not_initialized())).collect();
+        };
+        leases
+            .iter()
+            .map(|lease| refresh_in(&mut keys, lease, now))
+            .collect()
     }
 
     async fn verify(&self, lease: &Lease) -> Result<bool> {

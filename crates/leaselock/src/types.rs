@@ -544,6 +544,7 @@ pub enum ExpiryClock {
 /// let caps = Capabilities::new("example", LockKind::Lease, ExpiryClock::Database);
 /// assert!(caps.fencing);
 /// assert!(!caps.release_notifications);
+/// assert_eq!(caps.max_refresh_batch, 1);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -561,10 +562,15 @@ pub struct Capabilities {
     /// Whether the backend tells a holder that its lease is gone without being asked (see
     /// [`crate::LockBackend::watch_lost`]).
     pub lost_notifications: bool,
+    /// How many leases one [`crate::LockBackend::refresh_many`] call should carry at most. Above
+    /// 1, the orchestrator gathers the leases of one [`crate::Locker`] that fall due together
+    /// into batches of up to this many (see [`crate::LockerBuilder::refresh_batch_window`]); 1
+    /// (the default) refreshes each lease with its own [`crate::LockBackend::refresh`].
+    pub max_refresh_batch: usize,
 }
 
 impl Capabilities {
-    /// Capabilities with fencing on and no notifications.
+    /// Capabilities with fencing on, no notifications, and one lease per refresh.
     pub fn new(backend: &'static str, kind: LockKind, expiry_clock: ExpiryClock) -> Self {
         Self {
             backend,
@@ -573,6 +579,7 @@ impl Capabilities {
             fencing: true,
             release_notifications: false,
             lost_notifications: false,
+            max_refresh_batch: 1,
         }
     }
 }
