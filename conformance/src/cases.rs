@@ -304,6 +304,58 @@ pub async fn refresh_after_loss_reports_lost(t: Arc<dyn Target>) {
     }
 }
 
+/// A batched refresh answers for each lease in order: held ones are extended, lost ones are
+/// `Lost` without failing the others, a stale lease beside its successor on the same key is
+/// lost while the successor is refreshed, and an empty batch is an empty answer.
+pub async fn refresh_many_answers_each_lease(t: Arc<dyn Target>) {
+    let (a, op) = (t.backend().await.unwrap(), t.backend().await.unwrap());
+    let keys: Vec<LockKey> = (0..4).map(|_| fresh_key("refresh_many")).collect();
+    let ttl = Duration::from_millis(1500);
+    let short = must_acquire(&*a, &request(&keys[0], &owner("a"), ttl)).await;
+    let long = must_acquire(&*a, &request(&keys[1], &owner("a"), LONG_TTL)).await;
+    let broken = must_acquire(&*a, &request(&keys[2], &owner("a"), LONG_TTL)).await;
+    let stale = must_acquire(&*a, &request(&keys[3], &owner("a"), LONG_TTL)).await;
+    assert!(op.force_release(&keys[2]).await.unwrap().is_some());
+    assert!(op.force_release(&keys[3]).await.unwrap().is_some());
+    let successor = must_acquire(&*a, &request(&keys[3], &owner("a"), LONG_TTL)).await;
+    assert!(a.refresh_many(&[]).await.is_empty());
+
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let batch = [short, long, broken, stale, successor];
+    let results = a.refresh_many(&batch).await;
+    assert_eq!(results.len(), batch.len(), "one result per lease");
+    let mut fresh = Vec::new();
+    for (n, (sent, result)) in batch.iter().zip(results).enumerate() {
+        let lost = n == 2 || n == 3; // broken, stale
+        match result {
+            Ok(lease) => {
+                assert!(!lost, "a lost lease was refreshed: {sent:?}");
+                assert_eq!((&lease.key, &lease.owner), (&sent.key, &sent.owner));
+                assert_eq!(lease.token, sent.token, "refresh keeps the token");
+                if let (Some(old), Some(new)) = (sent.expires_at, lease.expires_at) {
+                    assert!(new >= old, "refresh must not shorten the lease");
+                }
+                fresh.push(lease);
+            }
+            Err(Error::Lost { key, .. }) => {
+                assert!(lost, "a held lease was reported lost: {sent:?}");
+                assert_eq!(key, sent.key);
+            }
+            Err(other) => panic!("refresh_many of {sent:?}: {other}"),
+        }
+    }
+    assert_eq!(fresh.len(), 3);
+    // Past the first lease's original duration: the batched refresh extended it.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for lease in &fresh {
+        assert!(a.verify(lease).await.unwrap(), "{lease:?} still held");
+    }
+    must_be_held(&*op, &request(&keys[0], &owner("b"), LONG_TTL)).await;
+    for lease in &fresh {
+        assert!(a.release(lease).await.unwrap());
+    }
+}
+
 /// Verifying a broken lease is false.
 pub async fn verify_after_loss_is_false(t: Arc<dyn Target>) {
     let (a, op) = (t.backend().await.unwrap(), t.backend().await.unwrap());

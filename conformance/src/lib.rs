@@ -163,6 +163,7 @@ macro_rules! conformance_tests {
             status_shows_expired,
             refresh_extends_lease,
             refresh_after_loss_reports_lost,
+            refresh_many_answers_each_lease,
             verify_after_loss_is_false,
             release_after_loss_keeps_new_holder,
             force_release_removes_holder,
