@@ -18,13 +18,18 @@ use crate::error::{convert, join, not_initialized, NAME};
 /// statement, so every use in one statement sees the same instant.
 const NOW_MS: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
+/// How many leases one batched refresh updates in its transaction: a few milliseconds of holding
+/// the database's write lock at most.
+const MAX_REFRESH_BATCH: usize = 500;
+
 /// Leases in an SQLite table: the embedded default.
 ///
 /// Several processes on one host exclude each other through one database file: the file is in
 /// WAL mode, every write runs in an immediate transaction, and a busy timeout makes a writer wait
 /// for another instead of failing. Expiry is decided by SQLite's clock (the host's), fencing
 /// tokens are kept per key forever (rows are never deleted). Blocking calls run on tokio's
-/// blocking pool, never on the async runtime.
+/// blocking pool, never on the async runtime. A [`leaselock::Locker`] refreshes the leases that
+/// fall due together in one transaction ([`LockBackend::refresh_many`], up to 500 a batch).
 ///
 /// ```no_run
 /// use leaselock::Locker;
@@ -249,10 +254,53 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Row>> {
     })
 }
 
+/// Extends `lease` inside `tx`: `Ok(Err(Lost))` when it no longer holds its key, `Err` when the
+/// statement itself failed (which fails the whole transaction).
+fn refresh_in(
+    tx: &rusqlite::Transaction<'_>,
+    sql: &Statements,
+    lease: &Lease,
+) -> Result<Result<Lease>> {
+    let Some(ttl) = lease.ttl else {
+        return Ok(Err(Error::invalid(
+            "lease",
+            "a lease without a duration cannot be refreshed",
+        )));
+    };
+    let row = tx
+        .prepare_cached(&sql.refresh)
+        .and_then(|mut s| {
+            s.query_row(
+                params![
+                    lease.key.as_str(),
+                    lease.owner.as_str(),
+                    lease.token.get() as i64,
+                    millis(ttl)
+                ],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .optional()
+        })
+        .map_err(convert)?;
+    Ok(match row {
+        Some((acquired, expires)) => {
+            let mut fresh = lease.clone().with_expiry(time(expires), ttl);
+            fresh.acquired_at = time(acquired);
+            Ok(fresh)
+        }
+        None => Err(Error::lost(
+            &lease.key,
+            "the lease expired, was released or was taken over",
+        )),
+    })
+}
+
 #[async_trait]
 impl LockBackend for SqliteBackend {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(NAME, LockKind::Lease, ExpiryClock::Database)
+        let mut caps = Capabilities::new(NAME, LockKind::Lease, ExpiryClock::Database);
+        caps.max_refresh_batch = MAX_REFRESH_BATCH;
+        caps
     }
 
     async fn init_storage(&self) -> Result<()> {
@@ -334,39 +382,31 @@ impl LockBackend for SqliteBackend {
     async fn refresh(&self, lease: &Lease) -> Result<Lease> {
         let lease = lease.clone();
         self.with(move |conn, sql| {
-            let ttl = lease.ttl.ok_or_else(|| {
-                Error::invalid("lease", "a lease without a duration cannot be refreshed")
-            })?;
             let tx = immediate(conn)?;
-            let row = tx
-                .prepare_cached(&sql.refresh)
-                .and_then(|mut s| {
-                    s.query_row(
-                        params![
-                            lease.key.as_str(),
-                            lease.owner.as_str(),
-                            lease.token.get() as i64,
-                            millis(ttl)
-                        ],
-                        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
-                    )
-                    .optional()
-                })
-                .map_err(convert)?;
+            let fresh = refresh_in(&tx, sql, &lease)?;
             tx.commit().map_err(convert)?;
-            match row {
-                Some((acquired, expires)) => {
-                    let mut fresh = lease.clone().with_expiry(time(expires), ttl);
-                    fresh.acquired_at = time(acquired);
-                    Ok(fresh)
-                }
-                None => Err(Error::lost(
-                    &lease.key,
-                    "the lease expired, was released or was taken over",
-                )),
-            }
+            fresh
         })
         .await
+    }
+
+    /// Every lease in one immediate transaction: one thread hand-off and one commit for the
+    /// batch.
+    async fn refresh_many(&self, leases: &[Lease]) -> Vec<Result<Lease>> {
+        let count = leases.len();
+        let leases = leases.to_vec();
+        let outcome = self
+            .with(move |conn, sql| {
+                let tx = immediate(conn)?;
+                let results = leases
+                    .iter()
+                    .map(|lease| refresh_in(&tx, sql, lease))
+                    .collect::<Result<Vec<_>>>()?;
+                tx.commit().map_err(convert)?;
+                Ok(results)
+            })
+            .await;
+        outcome.unwrap_or_else(|error| error.for_batch(count).into_iter().map(Err).collect())
     }
 
     async fn verify(&self, lease: &Lease) -> Result<bool> {
