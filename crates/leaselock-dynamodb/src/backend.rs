@@ -1,6 +1,6 @@
 //! The [`LockBackend`] implementation: one conditional write per acquire, refresh and release.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -12,11 +12,12 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_dynamodb::config::Credentials;
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
     ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableStatus, TimeToLiveSpecification,
-    TimeToLiveStatus,
+    TimeToLiveStatus, TransactWriteItem, Update,
 };
 use aws_sdk_dynamodb::Client;
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
@@ -57,6 +58,12 @@ const NAMES: [(&str, &str); 7] = [
     ("#c", ATTR_CLEANUP),
 ];
 
+/// The condition of a refresh: the lease's owner still holds the key with the lease's token.
+const REFRESH_CONDITION: &str = "#o = :owner AND #t = :token";
+
+/// The most items one `TransactWriteItems` may carry.
+const MAX_TRANSACTION_ITEMS: usize = 100;
+
 /// Above this many remembered sightings, stale ones are forgotten (which only delays takeover).
 const MAX_SIGHTINGS: usize = 4096;
 
@@ -71,7 +78,8 @@ type Item = HashMap<String, AttributeValue>;
 ///
 /// - acquire, refresh and release are one `UpdateItem` each, with a condition; a refused write
 ///   returns the item as it was (`ReturnValuesOnConditionCheckFailure=ALL_OLD`), so a failed
-///   acquire names the holder without a second request;
+///   acquire names the holder without a second request. A [`leaselock::Locker`] refreshes the
+///   leases that fall due together up to 100 at a time in one `TransactWriteItems`;
 /// - DynamoDB has no clock in conditions, so expiry is not decided by the database: a waiter
 ///   takes over a lease only after this instance has seen the same record version unchanged for
 ///   a whole lease duration on its own monotonic clock (the technique of AWS's DynamoDB lock
@@ -622,6 +630,151 @@ impl DynamoDbBackend {
         }
     }
 
+    /// What a refresh of `lease` writes (its update expression and values, under
+    /// [`REFRESH_CONDITION`]), and the lease it makes.
+    fn refresh_write(&self, lease: &Lease) -> Result<(String, Item, Lease)> {
+        let ttl = lease.ttl.ok_or_else(|| {
+            Error::invalid("lease", "a lease without a duration cannot be refreshed")
+        })?;
+        let ttl = validate_lease_duration("ttl", ttl)?;
+        let now = self.wall_now();
+        let expires = now + ttl;
+        let (cleanup, cleanup_value) = self.cleanup_clause(expires);
+        let mut update = "SET #v = :version, #l = :lease, #e = :expires".to_owned();
+        if cleanup.is_empty() {
+            update.push_str(" REMOVE #c");
+        } else {
+            update.push_str(", ");
+            update.push_str(cleanup);
+        }
+        let mut values: Item = HashMap::from([
+            (":owner".to_owned(), string(lease.owner.as_str())),
+            (":token".to_owned(), number(lease.token.get())),
+            (
+                ":version".to_owned(),
+                string(&uuid::Uuid::new_v4().simple().to_string()),
+            ),
+            (":lease".to_owned(), number(duration_ms(ttl))),
+            (":expires".to_owned(), number(millis(expires))),
+        ]);
+        if let Some(value) = cleanup_value {
+            values.insert(":cleanup".into(), value);
+        }
+        let mut fresh = lease.clone();
+        fresh.expires_at = Some(expires);
+        fresh.ttl = Some(ttl);
+        Ok((update, values, fresh))
+    }
+
+    /// The error for a lease whose conditional write was refused; `old` is the item as it was,
+    /// when the service returned it (`absent` says what its absence means).
+    fn lost_error(&self, key: &LockKey, old: Option<&Item>, absent: &str) -> Error {
+        let record = match old.map(|item| self.parse(item)).transpose() {
+            Ok(record) => record,
+            Err(error) => return error,
+        };
+        let reason = match record {
+            None => absent.to_owned(),
+            Some(Record { owner: None, .. }) => {
+                "the lease was released (or force-released)".to_owned()
+            }
+            Some(Record {
+                owner: Some(owner),
+                token,
+                ..
+            }) => format!("the lock was taken over by `{owner}` (fencing token {token})"),
+        };
+        Error::lost(key, reason)
+    }
+
+    /// Refreshes leases of distinct keys (at most [`MAX_TRANSACTION_ITEMS`]) in one transaction,
+    /// trying the ones a cancelled transaction did not refuse once more together, then alone.
+    async fn refresh_together(&self, leases: &[&Lease]) -> Vec<Result<Lease>> {
+        let mut results: Vec<Option<Result<Lease>>> = leases.iter().map(|_| None).collect();
+        let mut todo: Vec<usize> = (0..leases.len()).collect();
+        for _ in 0..2 {
+            if todo.len() < 2 {
+                break;
+            }
+            let mut items = Vec::with_capacity(todo.len());
+            let mut sent = Vec::with_capacity(todo.len());
+            for i in std::mem::take(&mut todo) {
+                match self.refresh_write(leases[i]) {
+                    Ok((update, values, fresh)) => {
+                        items.push(self.transact_update(&leases[i].key, update, values));
+                        sent.push((i, fresh));
+                    }
+                    Err(error) => results[i] = Some(Err(error)),
+                }
+            }
+            if sent.is_empty() {
+                break;
+            }
+            let outcome = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(items))
+                .send()
+                .await;
+            let error = match outcome {
+                Ok(_) => {
+                    for (i, fresh) in sent {
+                        results[i] = Some(Ok(fresh));
+                    }
+                    continue;
+                }
+                Err(error) => error,
+            };
+            let Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) =
+                error.as_service_error()
+            else {
+                let error = convert("TransactWriteItems", self.table(), error);
+                for ((i, _), error) in sent.iter().zip(error.for_batch(sent.len())) {
+                    results[*i] = Some(Err(error));
+                }
+                break;
+            };
+            // Reasons come in the order of the items: a refused condition is a lost lease;
+            // every other item was not written (its transaction was cancelled), so try again.
+            let reasons = cancelled.cancellation_reasons();
+            for (position, (i, _)) in sent.iter().enumerate() {
+                match reasons.get(position) {
+                    Some(reason) if reason.code() == Some("ConditionalCheckFailed") => {
+                        results[*i] = Some(Err(self.lost_error(
+                            &leases[*i].key,
+                            reason.item(),
+                            "the lease was released, expired or was taken over",
+                        )));
+                    }
+                    _ => todo.push(*i),
+                }
+            }
+        }
+        for i in todo {
+            results[i] = Some(self.refresh(leases[i]).await);
+        }
+        results
+            .into_iter()
+            .map(|result| result.expect("every lease is answered"))
+            .collect()
+    }
+
+    /// One conditional update of a refresh, as an item of a transaction.
+    fn transact_update(&self, key: &LockKey, update: String, values: Item) -> TransactWriteItem {
+        let names = names_in(&[&update, REFRESH_CONDITION]);
+        let update = Update::builder()
+            .table_name(self.table())
+            .key(ATTR_KEY, string(key.as_str()))
+            .update_expression(update)
+            .condition_expression(REFRESH_CONDITION)
+            .set_expression_attribute_names(Some(names))
+            .set_expression_attribute_values(Some(values))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .expect("table, key and update expression are set");
+        TransactWriteItem::builder().update(update).build()
+    }
+
     /// Removes the holder of `key` if `condition` holds, keeping the counter.
     async fn clear_holder(
         &self,
@@ -652,7 +805,9 @@ impl DynamoDbBackend {
 #[async_trait]
 impl LockBackend for DynamoDbBackend {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(NAME, LockKind::Lease, ExpiryClock::WaiterMonotonic)
+        let mut caps = Capabilities::new(NAME, LockKind::Lease, ExpiryClock::WaiterMonotonic);
+        caps.max_refresh_batch = MAX_TRANSACTION_ITEMS;
+        caps
     }
 
     async fn init_storage(&self) -> Result<()> {
@@ -852,66 +1007,50 @@ impl LockBackend for DynamoDbBackend {
     }
 
     async fn refresh(&self, lease: &Lease) -> Result<Lease> {
-        let ttl = lease.ttl.ok_or_else(|| {
-            Error::invalid("lease", "a lease without a duration cannot be refreshed")
-        })?;
-        let ttl = validate_lease_duration("ttl", ttl)?;
-        let now = self.wall_now();
-        let expires = now + ttl;
-        let (cleanup, cleanup_value) = self.cleanup_clause(expires);
-        let mut update = "SET #v = :version, #l = :lease, #e = :expires".to_owned();
-        if cleanup.is_empty() {
-            update.push_str(" REMOVE #c");
-        } else {
-            update.push_str(", ");
-            update.push_str(cleanup);
-        }
-        let mut values: Item = HashMap::from([
-            (":owner".to_owned(), string(lease.owner.as_str())),
-            (":token".to_owned(), number(lease.token.get())),
-            (
-                ":version".to_owned(),
-                string(&uuid::Uuid::new_v4().simple().to_string()),
-            ),
-            (":lease".to_owned(), number(duration_ms(ttl))),
-            (":expires".to_owned(), number(millis(expires))),
-        ]);
-        if let Some(value) = cleanup_value {
-            values.insert(":cleanup".into(), value);
-        }
+        let (update, values, fresh) = self.refresh_write(lease)?;
         match self
             .write(
                 &lease.key,
                 update,
-                "#o = :owner AND #t = :token",
+                REFRESH_CONDITION,
                 values,
                 ReturnValue::None,
                 true,
             )
             .await?
         {
-            Write::Done(_) => {
-                let mut fresh = lease.clone();
-                fresh.expires_at = Some(expires);
-                fresh.ttl = Some(ttl);
-                Ok(fresh)
-            }
+            Write::Done(_) => Ok(fresh),
             Write::Refused(old) => {
-                let record = old.as_ref().map(|item| self.parse(item)).transpose()?;
-                let reason = match record {
-                    None => "the lock's record is gone".to_owned(),
-                    Some(Record { owner: None, .. }) => {
-                        "the lease was released (or force-released)".to_owned()
-                    }
-                    Some(Record {
-                        owner: Some(owner),
-                        token,
-                        ..
-                    }) => format!("the lock was taken over by `{owner}` (fencing token {token})"),
-                };
-                Err(Error::lost(&lease.key, reason))
+                Err(self.lost_error(&lease.key, old.as_ref(), "the lock's record is gone"))
             }
         }
+    }
+
+    /// `TransactWriteItems` of up to 100 leases with distinct keys each (one signed request
+    /// instead of a hundred). A lease that fails its condition cancels its transaction: the
+    /// others are sent again without it, and one at a time if that fails too.
+    async fn refresh_many(&self, leases: &[Lease]) -> Vec<Result<Lease>> {
+        let mut results: Vec<Option<Result<Lease>>> = leases.iter().map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..leases.len()).collect();
+        while !pending.is_empty() {
+            // A transaction may touch an item once: a stale lease waits beside its successor.
+            let mut keys = HashSet::new();
+            let (chunk, rest): (Vec<usize>, Vec<usize>) = pending
+                .into_iter()
+                .partition(|&i| keys.len() < MAX_TRANSACTION_ITEMS && keys.insert(&leases[i].key));
+            let chunk_leases: Vec<&Lease> = chunk.iter().map(|&i| &leases[i]).collect();
+            for (i, result) in chunk
+                .into_iter()
+                .zip(self.refresh_together(&chunk_leases).await)
+            {
+                results[i] = Some(result);
+            }
+            pending = rest;
+        }
+        results
+            .into_iter()
+            .map(|result| result.expect("every lease is answered"))
+            .collect()
     }
 
     async fn verify(&self, lease: &Lease) -> Result<bool> {
