@@ -17,6 +17,8 @@ use crate::config::{PgConfig, DEFAULT_TABLE};
 
 const NAME: &str = "postgres-table";
 const COLUMNS: &str = "key, owner, token, acquired_at, expires_at";
+/// How many leases one batched refresh (one `UPDATE … FROM unnest(…)`) extends at most.
+const MAX_REFRESH_BATCH: usize = 1000;
 
 /// Leases in a table, expiring by the database server's clock (`now()`).
 ///
@@ -33,6 +35,9 @@ const COLUMNS: &str = "key, owner, token, acquired_at, expires_at";
 ///
 /// Waiters are woken through `LISTEN`/`NOTIFY`: release, force release and cleanup send
 /// `pg_notify` in the same statement.
+///
+/// A [`leaselock::Locker`] refreshes the leases that fall due together in one statement
+/// (`UPDATE … FROM unnest(…)`, up to 1,000 leases; [`LockBackend::refresh_many`]).
 ///
 /// ```no_run
 /// use leaselock::Locker;
@@ -107,12 +112,111 @@ fn conv(e: tokio_postgres::Error) -> Error {
     Error::permanent(NAME, format!("unexpected column type: {e}"))
 }
 
+impl PgTableBackend {
+    /// The statement of [`LockBackend::refresh_many`] for `(position, lease, ttl_ms)` triples:
+    /// an answer for each position it found a row for (a missing row is a lost lease).
+    async fn refresh_rows(
+        &self,
+        sent: &[(usize, &Lease, i64)],
+    ) -> Result<Vec<(usize, Result<Lease>)>> {
+        let sql = format!(
+            "WITH input AS ( \
+               SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::int8[]) \
+                 AS u(n, key, owner, token, ttl_ms) \
+             ), upd AS ( \
+               UPDATE {t} AS l \
+                  SET expires_at = now() + (u.ttl_ms::float8 * interval '1 millisecond') \
+                 FROM input u \
+                WHERE l.key = u.key AND l.owner = u.owner AND l.token = u.token \
+                  AND l.expires_at > now() \
+               RETURNING u.n, l.acquired_at, l.expires_at \
+             ) \
+             SELECT u.n, upd.n IS NOT NULL AS refreshed, \
+                    coalesce(upd.acquired_at, cur.acquired_at) AS acquired_at, \
+                    coalesce(upd.expires_at, cur.expires_at) AS expires_at, \
+                    CASE WHEN upd.n IS NULL THEN cur.owner END AS owner, \
+                    CASE WHEN upd.n IS NULL THEN cur.token END AS token \
+               FROM input u \
+               LEFT JOIN upd ON upd.n = u.n \
+               JOIN {t} cur ON cur.key = u.key",
+            t = self.t()
+        );
+        let positions: Vec<i64> = sent.iter().map(|(n, _, _)| *n as i64).collect();
+        let keys: Vec<&str> = sent.iter().map(|(_, l, _)| l.key.as_str()).collect();
+        let owners: Vec<&str> = sent.iter().map(|(_, l, _)| l.owner.as_str()).collect();
+        let tokens: Vec<i64> = sent.iter().map(|(_, l, _)| l.token.get() as i64).collect();
+        let ttls: Vec<i64> = sent.iter().map(|(_, _, ttl)| *ttl).collect();
+        let rows = self
+            .shared
+            .query(
+                "refresh_many",
+                &sql,
+                &[
+                    (&positions, Type::INT8_ARRAY),
+                    (&keys, Type::TEXT_ARRAY),
+                    (&owners, Type::TEXT_ARRAY),
+                    (&tokens, Type::INT8_ARRAY),
+                    (&ttls, Type::INT8_ARRAY),
+                ],
+            )
+            .await?;
+        let leases: std::collections::HashMap<usize, &Lease> =
+            sent.iter().map(|(n, lease, _)| (*n, *lease)).collect();
+        let mut answers = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let n = row.try_get::<_, i64>("n").map_err(conv)? as usize;
+            let Some(lease) = leases.get(&n) else {
+                return Err(Error::permanent(
+                    NAME,
+                    "refresh_many returned an unknown lease",
+                ));
+            };
+            answers.push((n, fresh_or_lost(lease, row)?));
+        }
+        Ok(answers)
+    }
+}
+
+/// A refresh's row: the refreshed lease, or why it is lost.
+fn fresh_or_lost(lease: &Lease, row: &Row) -> Result<Result<Lease>> {
+    if !row.try_get::<_, bool>("refreshed").map_err(conv)? {
+        return Ok(Err(lost(lease, row)?));
+    }
+    let ttl = lease
+        .ttl
+        .expect("only leases with a duration are refreshed");
+    let expires_at: SystemTime = row.try_get("expires_at").map_err(conv)?;
+    let mut fresh = lease.clone().with_expiry(expires_at, ttl);
+    if let Some(acquired_at) = row
+        .try_get::<_, Option<SystemTime>>("acquired_at")
+        .map_err(conv)?
+    {
+        fresh.acquired_at = acquired_at;
+    }
+    Ok(Ok(fresh))
+}
+
+/// Why `lease` is lost, from the row's current `owner` and `token`.
+fn lost(lease: &Lease, row: &Row) -> Result<Error> {
+    let current_owner: Option<String> = row.try_get("owner").map_err(conv)?;
+    let current_token: Option<i64> = row.try_get("token").map_err(conv)?;
+    let reason = match (current_owner, current_token) {
+        (Some(o), Some(t)) if o == lease.owner.as_str() && t == lease.token.get() as i64 => {
+            "the lease expired".to_owned()
+        }
+        (Some(o), Some(t)) => format!("taken over by `{o}` (fencing token {t})"),
+        _ => "the lease was released (or force-released, or cleaned up after expiry)".to_owned(),
+    };
+    Ok(Error::lost(&lease.key, reason))
+}
+
 #[async_trait]
 impl LockBackend for PgTableBackend {
     fn capabilities(&self) -> Capabilities {
         let mut caps = Capabilities::new(NAME, LockKind::Lease, ExpiryClock::Database);
         caps.release_notifications = true;
         caps.lost_notifications = false;
+        caps.max_refresh_batch = MAX_REFRESH_BATCH;
         caps
     }
 
@@ -229,29 +333,47 @@ impl LockBackend for PgTableBackend {
         let Some(row) = rows.first() else {
             return Err(Error::lost(&lease.key, "the lock's row is gone"));
         };
-        if row.try_get::<_, bool>("refreshed").map_err(conv)? {
-            let expires_at: SystemTime = row.try_get("expires_at").map_err(conv)?;
-            let mut fresh = lease.clone().with_expiry(expires_at, ttl);
-            if let Some(acquired_at) = row
-                .try_get::<_, Option<SystemTime>>("acquired_at")
-                .map_err(conv)?
-            {
-                fresh.acquired_at = acquired_at;
+        fresh_or_lost(lease, row)?
+    }
+
+    /// Every lease in one statement: the leases go in as arrays, `UPDATE … FROM unnest(…)`
+    /// extends the ones still held, and each lease comes back in its row, refreshed or with the
+    /// row's current holder.
+    async fn refresh_many(&self, leases: &[Lease]) -> Vec<Result<Lease>> {
+        let mut results: Vec<Option<Result<Lease>>> = leases.iter().map(|_| None).collect();
+        let mut sent = Vec::with_capacity(leases.len());
+        for (n, lease) in leases.iter().enumerate() {
+            match lease.ttl {
+                Some(ttl) => sent.push((n, lease, millis(ttl))),
+                None => {
+                    results[n] = Some(Err(Error::invalid(
+                        "lease",
+                        "a lease without a duration cannot be refreshed",
+                    )))
+                }
             }
-            return Ok(fresh);
         }
-        let current_owner: Option<String> = row.try_get("owner").map_err(conv)?;
-        let current_token: Option<i64> = row.try_get("token").map_err(conv)?;
-        let reason = match (current_owner, current_token) {
-            (Some(o), Some(t)) if o == lease.owner.as_str() && t == raw_token => {
-                "the lease expired".to_owned()
+        if !sent.is_empty() {
+            match self.refresh_rows(&sent).await {
+                Ok(answers) => {
+                    for (n, answer) in answers {
+                        results[n] = Some(answer);
+                    }
+                }
+                Err(error) => {
+                    for ((n, _, _), error) in sent.iter().zip(error.for_batch(sent.len())) {
+                        results[*n] = Some(Err(error));
+                    }
+                }
             }
-            (Some(o), Some(t)) => format!("taken over by `{o}` (fencing token {t})"),
-            _ => {
-                "the lease was released (or force-released, or cleaned up after expiry)".to_owned()
-            }
-        };
-        Err(Error::lost(&lease.key, reason))
+        }
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(n, result)| {
+                result.unwrap_or_else(|| Err(Error::lost(&leases[n].key, "the lock's row is gone")))
+            })
+            .collect()
     }
 
     async fn verify(&self, lease: &Lease) -> Result<bool> {
