@@ -16,6 +16,10 @@ use crate::config::{MysqlConfig, Strategy};
 
 const NAME: &str = "mysql-table";
 
+/// How many leases one batched refresh statement names: always this many placeholders (the last
+/// lease repeated to fill them), so one prepared statement serves every batch.
+const REFRESH_CHUNK: usize = 50;
+
 /// The expiry of a lock without expiry: the largest `DATETIME(6)`.
 const NEVER: &str = "CAST('9999-12-31 23:59:59.999999' AS DATETIME(6))";
 /// [`NEVER`] in microseconds since the Unix epoch, as read back.
@@ -41,6 +45,10 @@ const NEVER_US: i64 = 253_402_300_799_999_999;
 ///
 /// No notifications: waiters poll, and a holder learns of a loss at its next refresh (or its local
 /// deadline). Works through proxies and poolers that do not keep sessions.
+///
+/// A [`leaselock::Locker`] refreshes the leases that fall due together 50 to a statement
+/// (`UPDATE … WHERE (lock_key, owner, token) IN (…)`; [`LockBackend::refresh_many`]); when a
+/// statement finds one of them lost, its leases are refreshed one by one to tell which.
 ///
 /// ```no_run
 /// # async fn f() -> leaselock::Result<()> {
@@ -70,6 +78,8 @@ struct Sql {
     check: String,
     acquire: String,
     refresh: String,
+    /// [`REFRESH_CHUNK`] leases of one duration at once (see [`LockBackend::refresh_many`]).
+    refresh_chunk: String,
     verify: String,
     release: String,
     status: String,
@@ -121,6 +131,16 @@ impl Sql {
                 "UPDATE {table} SET expires_at = {now} + INTERVAL ? MICROSECOND \
                  WHERE lock_key = ? AND owner = ? AND token = ? AND expires_at > {now}"
             ),
+            refresh_chunk: {
+                let keys = vec!["?"; REFRESH_CHUNK].join(", ");
+                let leases = vec!["(?, ?, ?)"; REFRESH_CHUNK].join(", ");
+                // The plain key list lets the server find the rows by the primary key.
+                format!(
+                    "UPDATE {table} SET expires_at = {now} + INTERVAL ? MICROSECOND \
+                     WHERE lock_key IN ({keys}) AND (lock_key, owner, token) IN ({leases}) \
+                     AND expires_at > {now}"
+                )
+            },
             verify: format!(
                 "SELECT COUNT(*) FROM {table} \
                  WHERE lock_key = ? AND owner = ? AND token = ? AND expires_at > {now}"
@@ -198,10 +218,44 @@ impl fmt::Debug for MysqlTableBackend {
     }
 }
 
+impl MysqlTableBackend {
+    /// One batched refresh statement over `chunk` (at most [`REFRESH_CHUNK`] leases of duration
+    /// `ttl`): whether it refreshed every one of them.
+    async fn refresh_chunk(&self, ttl: Duration, chunk: &[&Lease]) -> Result<bool> {
+        let shared = self.shared();
+        let last = chunk.last().expect("a chunk is never empty");
+        let padded = || {
+            chunk
+                .iter()
+                .chain(std::iter::repeat(last))
+                .take(REFRESH_CHUNK)
+        };
+        let mut params: Vec<mysql_async::Value> = Vec::with_capacity(1 + 4 * REFRESH_CHUNK);
+        params.push(micros(ttl).into());
+        params.extend(padded().map(|lease| lease.key.as_str().into()));
+        for lease in padded() {
+            params.push(lease.key.as_str().into());
+            params.push(lease.owner.as_str().into());
+            params.push(lease.token.get().into());
+        }
+        let distinct: std::collections::HashSet<(&str, &str, u64)> = chunk
+            .iter()
+            .map(|l| (l.key.as_str(), l.owner.as_str(), l.token.get()))
+            .collect();
+        let mut conn = shared.conn().await?;
+        let changed = shared
+            .run(&mut conn, &self.inner.sql.refresh_chunk, params)
+            .await?;
+        Ok(changed == distinct.len() as u64)
+    }
+}
+
 #[async_trait]
 impl LockBackend for MysqlTableBackend {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(NAME, LockKind::Lease, ExpiryClock::Database)
+        let mut caps = Capabilities::new(NAME, LockKind::Lease, ExpiryClock::Database);
+        caps.max_refresh_batch = 20 * REFRESH_CHUNK;
+        caps
     }
 
     async fn init_storage(&self) -> Result<()> {
@@ -303,6 +357,56 @@ impl LockBackend for MysqlTableBackend {
             _ => "the lease was released, force-released or taken over",
         };
         Err(Error::lost(&lease.key, reason))
+    }
+
+    /// Leases of one duration, [`REFRESH_CHUNK`] to a statement. When a statement changes as many
+    /// rows as it names leases, all of them were refreshed; otherwise (a lease was lost) each
+    /// lease of that statement is refreshed on its own, which tells the lost ones apart.
+    async fn refresh_many(&self, leases: &[Lease]) -> Vec<Result<Lease>> {
+        let mut results: Vec<Option<Result<Lease>>> = leases.iter().map(|_| None).collect();
+        let mut by_duration: std::collections::BTreeMap<Duration, Vec<usize>> = Default::default();
+        for (n, lease) in leases.iter().enumerate() {
+            match lease.ttl {
+                Some(ttl) => by_duration.entry(ttl).or_default().push(n),
+                None => {
+                    results[n] = Some(Err(Error::invalid(
+                        "lease",
+                        "a lease without a duration cannot be refreshed",
+                    )))
+                }
+            }
+        }
+        for (ttl, group) in by_duration {
+            for positions in group.chunks(REFRESH_CHUNK) {
+                let chunk: Vec<&Lease> = positions.iter().map(|&n| &leases[n]).collect();
+                let sent = SystemTime::now();
+                let answers: Vec<Result<Lease>> = match self.refresh_chunk(ttl, &chunk).await {
+                    Ok(true) => chunk
+                        .iter()
+                        .map(|lease| {
+                            let mut fresh = (*lease).clone();
+                            fresh.expires_at = Some(sent + ttl);
+                            Ok(fresh)
+                        })
+                        .collect(),
+                    Ok(false) => {
+                        let mut answers = Vec::with_capacity(chunk.len());
+                        for lease in &chunk {
+                            answers.push(self.refresh(lease).await);
+                        }
+                        answers
+                    }
+                    Err(error) => error.for_batch(chunk.len()).into_iter().map(Err).collect(),
+                };
+                for (&n, answer) in positions.iter().zip(answers) {
+                    results[n] = Some(answer);
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|result| result.expect("every lease is answered"))
+            .collect()
     }
 
     async fn verify(&self, lease: &Lease) -> Result<bool> {
