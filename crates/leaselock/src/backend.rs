@@ -1,9 +1,11 @@
 //! The contract every storage backend implements.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
@@ -132,6 +134,83 @@ pub trait LockBackend: Send + Sync + Debug {
     /// (a session lock's connection dropped or was killed). `None` when the backend cannot tell;
     /// the refresh daemon then finds out at its next refresh or at the local deadline.
     fn watch_lost(&self, lease: &Lease) -> Option<Wakeup>;
+}
+
+/// [`LockBackend::refresh_many`] for a database that can extend many leases of one duration in
+/// one statement but only tells how many it extended (an `UPDATE … WHERE (key, owner, token) IN
+/// (…)` and its row count).
+///
+/// Groups `leases` by duration, calls `refresh_chunk(duration, chunk)` for every `chunk_size` of
+/// them, and when it returns `Ok(true)` (every lease of the chunk was extended) answers each with
+/// its lease extended by `duration` from the moment before the call. `Ok(false)` means one of them
+/// was lost: each lease of that chunk is then refreshed on its own with
+/// [`LockBackend::refresh`], which tells the lost ones apart. An error fails its chunk's leases;
+/// a lease without a duration is refused.
+///
+/// ```
+/// use std::time::Duration;
+/// use leaselock::{refresh_in_chunks, AcquireOutcome, AcquireRequest, LockBackend, LockKey, MemoryBackend, OwnerId};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> leaselock::Result<()> {
+/// let backend = MemoryBackend::new();
+/// let req = AcquireRequest::new(LockKey::new("a")?, OwnerId::new("me")?, Duration::from_secs(5))?;
+/// let AcquireOutcome::Acquired(lease) = backend.try_acquire(&req).await? else { panic!() };
+/// // A stand-in for one statement over the chunk: it says some lease was not found, so each
+/// // lease is refreshed on its own.
+/// let results = refresh_in_chunks(&backend, &[lease], 50, |_duration, _chunk| async { Ok(false) }).await;
+/// assert!(results[0].is_ok());
+/// # Ok(()) }
+/// ```
+pub async fn refresh_in_chunks<'a, B, F, Fut>(
+    backend: &B,
+    leases: &'a [Lease],
+    chunk_size: usize,
+    mut refresh_chunk: F,
+) -> Vec<Result<Lease>>
+where
+    B: LockBackend + ?Sized,
+    F: FnMut(Duration, Vec<&'a Lease>) -> Fut + Send,
+    Fut: Future<Output = Result<bool>> + Send,
+{
+    let mut results: Vec<Option<Result<Lease>>> = leases.iter().map(|_| None).collect();
+    let mut by_duration: BTreeMap<Duration, Vec<usize>> = BTreeMap::new();
+    for (n, lease) in leases.iter().enumerate() {
+        match lease.ttl {
+            Some(ttl) => by_duration.entry(ttl).or_default().push(n),
+            None => {
+                results[n] = Some(Err(crate::Error::invalid(
+                    "lease",
+                    "a lease without a duration cannot be refreshed",
+                )))
+            }
+        }
+    }
+    for (ttl, group) in by_duration {
+        for positions in group.chunks(chunk_size.max(1)) {
+            let chunk: Vec<&Lease> = positions.iter().map(|&n| &leases[n]).collect();
+            let sent = SystemTime::now();
+            let answers: Vec<Result<Lease>> = match refresh_chunk(ttl, chunk.clone()).await {
+                Ok(true) => chunk
+                    .iter()
+                    .map(|lease| Ok((*lease).clone().with_expiry(sent + ttl, ttl)))
+                    .collect(),
+                Ok(false) => {
+                    let mut answers = Vec::with_capacity(chunk.len());
+                    for lease in &chunk {
+                        answers.push(backend.refresh(lease).await);
+                    }
+                    answers
+                }
+                Err(error) => error.for_batch(chunk.len()).into_iter().map(Err).collect(),
+            };
+            for (&n, answer) in positions.iter().zip(answers) {
+                results[n] = Some(answer);
+            }
+        }
+    }
+    results
+        .into_iter()
+        .map(|result| result.expect("every lease is answered"))
+        .collect()
 }
 
 #[deny(clippy::missing_trait_methods)]

@@ -12,7 +12,7 @@ mod refresher;
 mod types;
 mod unwind;
 
-pub use backend::{LockBackend, Wakeup};
+pub use backend::{refresh_in_chunks, LockBackend, Wakeup};
 pub use config::{OnUnavailable, WaitPolicy};
 pub use error::{BoxError, Error, Result};
 pub use guard::{LockContext, LockGuard, LostSignal};

@@ -363,50 +363,10 @@ impl LockBackend for MysqlTableBackend {
     /// rows as it names leases, all of them were refreshed; otherwise (a lease was lost) each
     /// lease of that statement is refreshed on its own, which tells the lost ones apart.
     async fn refresh_many(&self, leases: &[Lease]) -> Vec<Result<Lease>> {
-        let mut results: Vec<Option<Result<Lease>>> = leases.iter().map(|_| None).collect();
-        let mut by_duration: std::collections::BTreeMap<Duration, Vec<usize>> = Default::default();
-        for (n, lease) in leases.iter().enumerate() {
-            match lease.ttl {
-                Some(ttl) => by_duration.entry(ttl).or_default().push(n),
-                None => {
-                    results[n] = Some(Err(Error::invalid(
-                        "lease",
-                        "a lease without a duration cannot be refreshed",
-                    )))
-                }
-            }
-        }
-        for (ttl, group) in by_duration {
-            for positions in group.chunks(REFRESH_CHUNK) {
-                let chunk: Vec<&Lease> = positions.iter().map(|&n| &leases[n]).collect();
-                let sent = SystemTime::now();
-                let answers: Vec<Result<Lease>> = match self.refresh_chunk(ttl, &chunk).await {
-                    Ok(true) => chunk
-                        .iter()
-                        .map(|lease| {
-                            let mut fresh = (*lease).clone();
-                            fresh.expires_at = Some(sent + ttl);
-                            Ok(fresh)
-                        })
-                        .collect(),
-                    Ok(false) => {
-                        let mut answers = Vec::with_capacity(chunk.len());
-                        for lease in &chunk {
-                            answers.push(self.refresh(lease).await);
-                        }
-                        answers
-                    }
-                    Err(error) => error.for_batch(chunk.len()).into_iter().map(Err).collect(),
-                };
-                for (&n, answer) in positions.iter().zip(answers) {
-                    results[n] = Some(answer);
-                }
-            }
-        }
-        results
-            .into_iter()
-            .map(|result| result.expect("every lease is answered"))
-            .collect()
+        leaselock::refresh_in_chunks(self, leases, REFRESH_CHUNK, |ttl, chunk| async move {
+            self.refresh_chunk(ttl, &chunk).await
+        })
+        .await
     }
 
     async fn verify(&self, lease: &Lease) -> Result<bool> {
