@@ -89,6 +89,10 @@ fn now_plus(ms: i64) -> Document {
 /// - **Expiry** is decided by the server's clock (`$$NOW`), never the client's. A lock without
 ///   expiry stores `expires_at` 9999-12-31T23:59:59.999Z and a null `ttl_ms`, and is reported
 ///   without expiry.
+/// - **Batched refreshes**: a [`leaselock::Locker`] refreshes the leases that fall due together
+///   up to 100 at a time in one `updateMany` (its filter an `$or` of each lease's key, owner and
+///   token); when it matches fewer documents than it names, those leases are refreshed one by
+///   one to tell the lost ones ([`LockBackend::refresh_many`]).
 /// - **Consistency**: writes use `w: majority` (with [`MongoConfig::write_timeout`]); reads go to
 ///   the primary with `readConcern: majority` or `linearizable`
 ///   ([`MongoConfig::read_consistency`]), so `verify` and `status` never report ownership that a
@@ -401,22 +405,54 @@ fn doc_key(doc: &Document) -> Result<LockKey> {
     }
 }
 
-/// The filter matching `lease`'s holder while its lease lives.
-fn held_by(lease: &Lease) -> Result<Document> {
+/// How many leases one batched refresh (`updateMany`) names at most.
+const REFRESH_CHUNK: usize = 100;
+
+/// The owner and token of `lease`'s key, as a filter (without the expiry check).
+fn owned_by(lease: &Lease) -> Result<Document> {
     let token = i64::try_from(lease.token.get())
         .map_err(|_| Error::invalid("lease", "fencing token out of range"))?;
-    Ok(doc! {
-        "_id": lease.key.as_str(),
-        OWNER: lease.owner.as_str(),
-        TOKEN: token,
-        "$expr": live(),
-    })
+    Ok(doc! { "_id": lease.key.as_str(), OWNER: lease.owner.as_str(), TOKEN: token })
+}
+
+/// The filter matching `lease`'s holder while its lease lives.
+fn held_by(lease: &Lease) -> Result<Document> {
+    let mut filter = owned_by(lease)?;
+    filter.insert("$expr", live());
+    Ok(filter)
+}
+
+impl MongoBackend {
+    /// One `updateMany` over `chunk` (leases of duration `ttl`): whether it refreshed every one.
+    async fn refresh_chunk(&self, ttl: Duration, chunk: &[&Lease]) -> Result<bool> {
+        self.ready().await?;
+        let named = chunk
+            .iter()
+            .map(|lease| owned_by(lease))
+            .collect::<Result<Vec<Document>>>()?;
+        let distinct: std::collections::HashSet<(&str, &str, u64)> = chunk
+            .iter()
+            .map(|l| (l.key.as_str(), l.owner.as_str(), l.token.get()))
+            .collect();
+        let ttl_ms = millis(ttl);
+        let result = self
+            .locks()
+            .update_many(
+                doc! { "$or": named, "$expr": live() },
+                vec![doc! { "$set": { EXPIRES_AT: now_plus(ttl_ms), TTL_MS: ttl_ms } }],
+            )
+            .await
+            .map_err(convert)?;
+        Ok(result.matched_count == distinct.len() as u64)
+    }
 }
 
 #[async_trait]
 impl LockBackend for MongoBackend {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(NAME, LockKind::Lease, ExpiryClock::Database)
+        let mut caps = Capabilities::new(NAME, LockKind::Lease, ExpiryClock::Database);
+        caps.max_refresh_batch = 10 * REFRESH_CHUNK;
+        caps
     }
 
     async fn init_storage(&self) -> Result<()> {
@@ -566,6 +602,17 @@ impl LockBackend for MongoBackend {
                 "the lease expired, was released or was taken over",
             )),
         }
+    }
+
+    /// Leases of one duration, [`REFRESH_CHUNK`] to an `updateMany` whose filter names each of
+    /// them (`$or` of key, owner and token, and the server's clock). When it matches as many
+    /// documents as it names leases, all were refreshed; otherwise (a lease was lost) each lease
+    /// of that call is refreshed on its own, which tells the lost ones apart.
+    async fn refresh_many(&self, leases: &[Lease]) -> Vec<Result<Lease>> {
+        leaselock::refresh_in_chunks(self, leases, REFRESH_CHUNK, |ttl, chunk| async move {
+            self.refresh_chunk(ttl, &chunk).await
+        })
+        .await
     }
 
     async fn verify(&self, lease: &Lease) -> Result<bool> {
