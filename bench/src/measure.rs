@@ -754,6 +754,16 @@ impl LockBackend for Counting {
         };
         outcome
     }
+    async fn refresh_many(&self, leases: &[Lease]) -> Vec<leaselock::Result<Lease>> {
+        let outcomes = self.inner.refresh_many(leases).await;
+        for outcome in &outcomes {
+            match outcome {
+                Ok(_) => self.refreshes.fetch_add(1, Ordering::Relaxed),
+                Err(_) => self.refresh_errors.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+        outcomes
+    }
     async fn verify(&self, lease: &Lease) -> leaselock::Result<bool> {
         self.inner.verify(lease).await
     }

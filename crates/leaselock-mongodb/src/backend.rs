@@ -604,7 +604,7 @@ impl LockBackend for MongoBackend {
         }
     }
 
-    /// Leases of one duration, [`REFRESH_CHUNK`] to an `updateMany` whose filter names each of
+    /// Leases of one duration, 100 to an `updateMany` whose filter names each of
     /// them (`$or` of key, owner and token, and the server's clock). When it matches as many
     /// documents as it names leases, all were refreshed; otherwise (a lease was lost) each lease
     /// of that call is refreshed on its own, which tells the lost ones apart.

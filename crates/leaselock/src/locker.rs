@@ -23,9 +23,6 @@ pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(60);
 /// The default time a release keeps retrying transient errors: 10 seconds.
 pub const DEFAULT_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The longest default refresh batch window (see [`LockerBuilder::refresh_batch_window`]).
-const MAX_DEFAULT_BATCH_WINDOW: Duration = Duration::from_secs(1);
-
 /// What [`Locker::run_if_needed`] did.
 ///
 /// Only [`RunIfNeeded::Ran`] and [`RunIfNeeded::NotNeededOnceLocked`] took the lock; a caller
@@ -189,16 +186,17 @@ impl LockerBuilder {
     /// refresh ([`LockBackend::refresh_many`]), on a backend that batches
     /// ([`crate::Capabilities::max_refresh_batch`] above 1): the first lease due waits up to this
     /// long for others, so a process holding thousands of leases refreshes them in a few
-    /// statements a second instead of one each. Default: a twentieth of the refresh interval, at
-    /// most 1 s. Zero refreshes every lease on its own the moment it is due. Must be shorter than
-    /// the refresh interval. A lease's local deadline still runs from before its refresh was
+    /// statements a second instead of one each. Default: zero, which refreshes every lease on its
+    /// own the moment it is due: in the first measurement (`cargo xtask bench --only scale`) the
+    /// batching path cost more CPU than it saved (one wake-up of the batch collector per lease),
+    /// so it is off until that is fixed. Must be shorter than the refresh interval. A lease's local deadline still runs from before its refresh was
     /// queued, so waiting in a batch never stretches how long a holder trusts its lease.
     ///
     /// ```
     /// use std::time::Duration;
     /// use leaselock::{Locker, MemoryBackend};
     /// let locker = Locker::builder(MemoryBackend::new())
-    ///     .refresh_batch_window(Duration::ZERO) // one refresh per lease, at once
+    ///     .refresh_batch_window(Duration::from_millis(500)) // gather due leases for 0.5 s
     ///     .build()?;
     /// # Ok::<(), leaselock::Error>(())
     /// ```
@@ -294,7 +292,7 @@ impl LockerBuilder {
                 ));
             }
             Some(window) => window,
-            None => (refresh_interval / 20).min(MAX_DEFAULT_BATCH_WINDOW),
+            None => Duration::ZERO,
         };
         self.wait.validate()?;
         if self.release_timeout > Duration::from_secs(3600) {

@@ -46,7 +46,7 @@ const NEVER_US: i64 = 253_402_300_799_999_999;
 /// No notifications: waiters poll, and a holder learns of a loss at its next refresh (or its local
 /// deadline). Works through proxies and poolers that do not keep sessions.
 ///
-/// A [`leaselock::Locker`] refreshes the leases that fall due together 50 to a statement
+/// A [`leaselock::Locker`] with a refresh batch window refreshes the leases that fall due together 50 to a statement
 /// (`UPDATE … WHERE (lock_key, owner, token) IN (…)`; [`LockBackend::refresh_many`]); when a
 /// statement finds one of them lost, its leases are refreshed one by one to tell which.
 ///
@@ -359,7 +359,7 @@ impl LockBackend for MysqlTableBackend {
         Err(Error::lost(&lease.key, reason))
     }
 
-    /// Leases of one duration, [`REFRESH_CHUNK`] to a statement. When a statement changes as many
+    /// Leases of one duration, 50 to a statement. When a statement changes as many
     /// rows as it names leases, all of them were refreshed; otherwise (a lease was lost) each
     /// lease of that statement is refreshed on its own, which tells the lost ones apart.
     async fn refresh_many(&self, leases: &[Lease]) -> Vec<Result<Lease>> {
