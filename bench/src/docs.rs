@@ -606,15 +606,15 @@ fn markdown(report: &Report, notes: &str) -> String {
     );
     let _ = writeln!(
         s,
-        "| backend | leases acquired | CPU (share of one core) | RSS before | RSS max while held | refreshes/s | refresh errors | lost | acquiring took |"
+        "| backend | leases acquired | CPU (share of one core) | RSS before | RSS max while held | refreshes/s | refresh errors | lost | acquiring took | batch window |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
     for b in ran(report) {
         match b.scale.ran() {
             Some(sc) => {
                 let _ = writeln!(
                     s,
-                    "| {} | {} of {} | {:.2}% | {:.0} MiB | {:.0} MiB | {:.0} | {} | {} | {:.1} s |",
+                    "| {} | {} of {} | {:.2}% | {:.0} MiB | {:.0} MiB | {:.0} | {} | {} | {:.1} s | {} |",
                     b.name,
                     sc.acquired,
                     sc.leases,
@@ -624,11 +624,21 @@ fn markdown(report: &Report, notes: &str) -> String {
                     sc.refreshes_per_s,
                     sc.refresh_errors,
                     sc.lost,
-                    sc.acquire_s
+                    sc.acquire_s,
+                    if sc.refresh_batch_window_s > 0.0 {
+                        format!("{:.2} s", sc.refresh_batch_window_s)
+                    } else {
+                        "none".to_owned()
+                    }
                 );
             }
             None => {
-                let _ = writeln!(s, "| {} | {} | | | | | | | |", b.name, gap_label(&b.scale));
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | | | | | | | | |",
+                    b.name,
+                    gap_label(&b.scale)
+                );
             }
         }
     }

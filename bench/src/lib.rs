@@ -84,6 +84,9 @@ pub struct Config {
     pub scale_lease: Duration,
     /// How long CPU and memory are watched while they are held. Default 60 s.
     pub scale_duration: Duration,
+    /// The scale measure's `LockerBuilder::refresh_batch_window`. Default: `None`, the
+    /// locker's own default.
+    pub refresh_batch_window: Option<Duration>,
     /// Run each backend's scale measure in a fresh process of this executable (the harness's
     /// binary), so that its CPU time and resident memory are its own and not what earlier
     /// measures left behind in this process. Default: `None`, in this process.
@@ -108,6 +111,7 @@ impl Default for Config {
             scale_leases: 10_000,
             scale_lease: Duration::from_secs(30),
             scale_duration: Duration::from_secs(60),
+            refresh_batch_window: None,
             scale_in_child: None,
             scratch: None,
         }

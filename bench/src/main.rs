@@ -62,6 +62,9 @@ struct Cli {
     /// How long CPU and memory are watched.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     scale_duration: Duration,
+    /// The refresh batch window of the scale measure's locker (default: the locker's own).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    refresh_batch_window: Option<Duration>,
     /// Where the JSON document goes.
     #[arg(long, default_value_os_t = root().join("target/bench/results.json"))]
     json: PathBuf,
@@ -123,6 +126,7 @@ fn main() -> ExitCode {
         scale_leases: cli.scale_leases.max(1),
         scale_lease: cli.scale_lease,
         scale_duration: cli.scale_duration,
+        refresh_batch_window: cli.refresh_batch_window,
         scale_in_child: None,
         scratch: Some(root().join("target/bench")),
     };

@@ -712,6 +712,12 @@ async fn scale_in_child(
         .arg(humantime::format_duration(config.scale_lease).to_string())
         .arg("--scale-duration")
         .arg(humantime::format_duration(config.scale_duration).to_string())
+        .args(config.refresh_batch_window.iter().flat_map(|window| {
+            [
+                "--refresh-batch-window".to_owned(),
+                humantime::format_duration(*window).to_string(),
+            ]
+        }))
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
         .status()
@@ -800,9 +806,11 @@ async fn scale(config: &Config, target: &Target, run: &str) -> Result<Scale> {
         refreshes: AtomicU64::new(0),
         refresh_errors: AtomicU64::new(0),
     });
-    let locker = Locker::builder(Arc::clone(&counting))
-        .lease_duration(config.scale_lease)
-        .build()?;
+    let mut builder = Locker::builder(Arc::clone(&counting)).lease_duration(config.scale_lease);
+    if let Some(window) = config.refresh_batch_window {
+        builder = builder.refresh_batch_window(window);
+    }
+    let locker = builder.build()?;
     let rss_before = machine::rss_mib();
     let acquiring = Instant::now();
     let guards: Arc<Mutex<Vec<LockGuard>>> = Arc::default();
@@ -924,6 +932,7 @@ async fn scale(config: &Config, target: &Target, run: &str) -> Result<Scale> {
         lost_before_window,
         lease_duration_s: config.scale_lease.as_secs_f64(),
         refresh_interval_s: config.scale_lease.as_secs_f64() / 3.0,
+        refresh_batch_window_s: locker.refresh_batch_window().as_secs_f64(),
         acquire_s,
         window_s: window,
         cpu_s,

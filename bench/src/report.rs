@@ -230,6 +230,9 @@ pub(crate) struct Scale {
     pub(crate) lost_before_window: usize,
     pub(crate) lease_duration_s: f64,
     pub(crate) refresh_interval_s: f64,
+    /// The locker's refresh batch window (`Locker::refresh_batch_window`; zero: none).
+    #[serde(default)]
+    pub(crate) refresh_batch_window_s: f64,
     pub(crate) acquire_s: f64,
     pub(crate) window_s: f64,
     pub(crate) cpu_s: f64,

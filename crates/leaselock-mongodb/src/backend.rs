@@ -434,11 +434,14 @@ impl MongoBackend {
             .iter()
             .map(|l| (l.key.as_str(), l.owner.as_str(), l.token.get()))
             .collect();
+        let keys: Vec<&str> = chunk.iter().map(|lease| lease.key.as_str()).collect();
         let ttl_ms = millis(ttl);
         let result = self
             .locks()
             .update_many(
-                doc! { "$or": named, "$expr": live() },
+                // The `_id` list lets the server look the keys up in its primary index before
+                // it checks each against the `$or` of owners and tokens.
+                doc! { "_id": { "$in": keys }, "$or": named, "$expr": live() },
                 vec![doc! { "$set": { EXPIRES_AT: now_plus(ttl_ms), TTL_MS: ttl_ms } }],
             )
             .await

@@ -28,7 +28,7 @@ const MAX_REFRESH_BATCH: usize = 500;
 /// WAL mode, every write runs in an immediate transaction, and a busy timeout makes a writer wait
 /// for another instead of failing. Expiry is decided by SQLite's clock (the host's), fencing
 /// tokens are kept per key forever (rows are never deleted). Blocking calls run on tokio's
-/// blocking pool, never on the async runtime. A [`leaselock::Locker`] with a refresh batch window refreshes the leases that
+/// blocking pool, never on the async runtime. A [`leaselock::Locker`] (by default: see its refresh batch window) refreshes the leases that
 /// fall due together in one transaction ([`LockBackend::refresh_many`], up to 500 a batch).
 ///
 /// ```no_run

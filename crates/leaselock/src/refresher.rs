@@ -2,16 +2,17 @@
 //! [`LockBackend::refresh_many`] call.
 //!
 //! Each guard's daemon still decides when its lease is due and how long it trusts it; only the
-//! call to the backend is shared. A daemon hands its lease to the locker's collector and waits for
-//! its own answer; the collector gathers what arrives within the batch window (or until a batch is
-//! full) and sends each batch in a task of its own, so a slow batch never holds up the next one.
+//! call to the backend is shared. A daemon puts its lease in the locker's queue and waits for its
+//! own answer. The first lease into an empty queue starts one flush task, which sleeps for the
+//! batch window and then sends everything queued, a batch of at most `max_batch` leases per call;
+//! a queue that fills a batch before the window ends sends it at once. Queuing wakes no task, so
+//! a batch costs one timer and one task however many leases it carries.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
+use tokio::sync::oneshot;
 
 use crate::backend::LockBackend;
 use crate::error::{Error, Result};
@@ -23,14 +24,20 @@ struct Request {
     reply: oneshot::Sender<Result<Lease>>,
 }
 
+/// What waits for the next flush.
+#[derive(Default)]
+struct Queue {
+    requests: Vec<Request>,
+    /// A flush task is sleeping out the window and will send what is queued.
+    flushing: bool,
+}
+
 /// The batching front of one locker's backend, shared by the guards it hands out.
 pub(crate) struct Refresher {
     backend: Arc<dyn LockBackend>,
     window: Duration,
     max_batch: usize,
-    /// The running collector's inbox. Started at the first refresh (a locker can be built outside
-    /// a runtime), and again if its runtime went away.
-    inbox: Mutex<Option<mpsc::UnboundedSender<Request>>>,
+    queue: Arc<Mutex<Queue>>,
 }
 
 impl fmt::Debug for Refresher {
@@ -42,6 +49,10 @@ impl fmt::Debug for Refresher {
     }
 }
 
+fn lock(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
+    queue.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Refresher {
     /// A refresher over `backend` gathering for `window`, at most `max_batch` (above 1) a call.
     pub(crate) fn new(backend: Arc<dyn LockBackend>, window: Duration, max_batch: usize) -> Self {
@@ -49,20 +60,39 @@ impl Refresher {
             backend,
             window,
             max_batch: max_batch.max(1),
-            inbox: Mutex::new(None),
+            queue: Arc::default(),
         }
+    }
+
+    /// How long the first lease due waits for others.
+    pub(crate) fn window(&self) -> Duration {
+        self.window
     }
 
     /// Refreshes `lease` in the next batch. Must be called inside a tokio runtime.
     pub(crate) async fn refresh(&self, lease: Lease) -> Result<Lease> {
         let (reply, answer) = oneshot::channel();
-        let mut request = Request { lease, reply };
-        // A send fails only when the collector's runtime has shut down: start another, once.
-        for _ in 0..2 {
-            match self.inbox().send(request) {
-                Ok(()) => break,
-                Err(mpsc::error::SendError(back)) => request = back,
+        let (full, start_flush) = {
+            let mut queue = lock(&self.queue);
+            queue.requests.push(Request { lease, reply });
+            if queue.requests.len() >= self.max_batch {
+                (Some(std::mem::take(&mut queue.requests)), false)
+            } else {
+                let start = !queue.flushing;
+                queue.flushing = true;
+                (None, start)
             }
+        };
+        if let Some(batch) = full {
+            tokio::spawn(send(Arc::clone(&self.backend), batch));
+        }
+        if start_flush {
+            tokio::spawn(flush(
+                Arc::clone(&self.backend),
+                Arc::clone(&self.queue),
+                self.window,
+                self.max_batch,
+            ));
         }
         answer.await.unwrap_or_else(|_| {
             Err(Error::transient(
@@ -71,56 +101,55 @@ impl Refresher {
             ))
         })
     }
+}
 
-    fn inbox(&self) -> mpsc::UnboundedSender<Request> {
-        let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = inbox.as_ref().filter(|tx| !tx.is_closed()) {
-            return tx.clone();
+/// Resets the queue when a flush task ends without flushing (its runtime shut down): the waiting
+/// leases get an error rather than a wait for a flush that never comes, and the next lease
+/// starts another flush task.
+struct Unflushed<'a>(Option<&'a Mutex<Queue>>);
+
+impl Drop for Unflushed<'_> {
+    fn drop(&mut self) {
+        if let Some(queue) = self.0.take() {
+            let mut queue = lock(queue);
+            queue.flushing = false;
+            queue.requests.clear();
         }
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(collect(
-            Arc::clone(&self.backend),
-            self.window,
-            self.max_batch,
-            rx,
-        ));
-        *inbox = Some(tx.clone());
-        tx
     }
 }
 
-/// Gathers requests into batches until every sender (the locker and its guards) is gone.
-async fn collect(
+/// Sleeps out the window, then sends every queued lease in batches of at most `max_batch`.
+async fn flush(
     backend: Arc<dyn LockBackend>,
+    queue: Arc<Mutex<Queue>>,
     window: Duration,
     max_batch: usize,
-    mut inbox: mpsc::UnboundedReceiver<Request>,
 ) {
-    let mut batch = Vec::with_capacity(max_batch);
-    loop {
-        if inbox.recv_many(&mut batch, max_batch).await == 0 {
-            return;
-        }
-        let until = Instant::now() + window;
-        while batch.len() < max_batch {
-            let room = max_batch - batch.len();
-            tokio::select! {
-                received = inbox.recv_many(&mut batch, room) => if received == 0 { break },
-                () = tokio::time::sleep_until(until) => break,
-            }
-        }
-        // A guard released meanwhile no longer waits for its answer: leave its lease alone.
-        batch.retain(|request| !request.reply.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        let full = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
-        tokio::spawn(send(Arc::clone(&backend), full));
+    let mut unflushed = Unflushed(Some(&queue));
+    tokio::time::sleep(window).await;
+    let mut requests = {
+        let mut queue = lock(&queue);
+        queue.flushing = false;
+        std::mem::take(&mut queue.requests)
+    };
+    unflushed.0 = None;
+    while requests.len() > max_batch {
+        let rest = requests.split_off(max_batch);
+        tokio::spawn(send(Arc::clone(&backend), requests));
+        requests = rest;
+    }
+    if !requests.is_empty() {
+        send(backend, requests).await;
     }
 }
 
 /// One `refresh_many` call, its answers handed back lease by lease.
-async fn send(backend: Arc<dyn LockBackend>, batch: Vec<Request>) {
+async fn send(backend: Arc<dyn LockBackend>, mut batch: Vec<Request>) {
+    // A guard released meanwhile no longer waits for its answer: leave its lease alone.
+    batch.retain(|request| !request.reply.is_closed());
+    if batch.is_empty() {
+        return;
+    }
     let leases: Vec<Lease> = batch.iter().map(|r| r.lease.clone()).collect();
     let results = backend.refresh_many(&leases).await;
     tracing::trace!(leases = leases.len(), "batched refresh done");

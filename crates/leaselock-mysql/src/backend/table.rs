@@ -46,7 +46,7 @@ const NEVER_US: i64 = 253_402_300_799_999_999;
 /// No notifications: waiters poll, and a holder learns of a loss at its next refresh (or its local
 /// deadline). Works through proxies and poolers that do not keep sessions.
 ///
-/// A [`leaselock::Locker`] with a refresh batch window refreshes the leases that fall due together 50 to a statement
+/// A [`leaselock::Locker`] (by default: see its refresh batch window) refreshes the leases that fall due together 50 to a statement
 /// (`UPDATE … WHERE (lock_key, owner, token) IN (…)`; [`LockBackend::refresh_many`]); when a
 /// statement finds one of them lost, its leases are refreshed one by one to tell which.
 ///

@@ -36,7 +36,7 @@ const MAX_REFRESH_BATCH: usize = 1000;
 /// Waiters are woken through `LISTEN`/`NOTIFY`: release, force release and cleanup send
 /// `pg_notify` in the same statement.
 ///
-/// A [`leaselock::Locker`] with a refresh batch window refreshes the leases that fall due together in one statement
+/// A [`leaselock::Locker`] (by default: see its refresh batch window) refreshes the leases that fall due together in one statement
 /// (`UPDATE … FROM unnest(…)`, up to 1,000 leases; [`LockBackend::refresh_many`]).
 ///
 /// ```no_run
