@@ -484,6 +484,11 @@ impl LockBackend for PgAdvisoryBackend {
         }
         let id = self.lock_id(&lease.key);
         let raw_token = lease.token.get() as i64;
+        // The release commits without waiting for the log flush (`synchronous_commit` off for
+        // this transaction alone): the lock itself is the session's and ends with it, and a
+        // cleared record the server loses in a crash names a process that no longer exists,
+        // which `status` and `list` already read as free. Tokens stay safe: only acquisitions
+        // raise the counter, and they stay durable.
         let sql = format!(
             "WITH me AS MATERIALIZED (SELECT pg_backend_pid() AS pid), \
              unlocked AS MATERIALIZED ( \
@@ -498,7 +503,9 @@ impl LockBackend for PgAdvisoryBackend {
              notified AS MATERIALIZED (SELECT pg_notify($7, $3) FROM unlocked WHERE ok) \
              SELECT me.pid, coalesce((SELECT ok FROM unlocked), false) AS unlocked, \
                     (SELECT count(*) FROM cleared) AS cleared, \
-                    (SELECT count(*) FROM notified) AS notified \
+                    (SELECT count(*) FROM notified) AS notified, \
+                    (SELECT count(*) FROM (SELECT set_config('synchronous_commit', 'off', true)) s) \
+                      AS relaxed \
                FROM me",
             t = self.t()
         );

@@ -400,6 +400,17 @@ impl LockBackend for PgTableBackend {
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool> {
+        // An expiring lease's release commits without waiting for the log flush
+        // (`synchronous_commit` off for this transaction alone): a release the server loses in a
+        // crash leaves the lease held until it expires, as a crashed holder would, and the token
+        // is safe because only acquisitions raise it, and they stay durable (an acquisition's
+        // flush also writes every release before it). A lock without expiry is released durably:
+        // a lost release would hold it forever.
+        let commit = if lease.ttl.is_some() {
+            "(SELECT count(*) FROM (SELECT set_config('synchronous_commit', 'off', true)) s)"
+        } else {
+            "0"
+        };
         let sql = format!(
             "WITH r AS ( \
                UPDATE {t} SET owner = NULL, acquired_at = NULL, expires_at = NULL \
@@ -407,7 +418,8 @@ impl LockBackend for PgTableBackend {
                   AND (expires_at IS NULL OR expires_at > now()) \
                RETURNING key \
              ), n AS MATERIALIZED (SELECT pg_notify($4, r.key) FROM r) \
-             SELECT (SELECT count(*) FROM r) AS released, (SELECT count(*) FROM n) AS notified",
+             SELECT (SELECT count(*) FROM r) AS released, (SELECT count(*) FROM n) AS notified, \
+                    {commit} AS relaxed",
             t = self.t()
         );
         let raw_token = lease.token.get() as i64;
