@@ -32,6 +32,17 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Durability
+//!
+//! Acquisitions and refreshes commit as the server's `synchronous_commit` says; keep it on (the
+//! default), so that they wait for the log flush: a fencing token or an expiry the server forgot
+//! in a crash could be handed out twice. Releases do not wait (`synchronous_commit` is turned off
+//! for the releasing transaction alone), which takes a log flush off every release and off every
+//! handoff: a release a crashed server loses leaves a lease held until it expires, or names a
+//! process that no longer exists (advisory), which reads as free. A lock without expiry on the
+//! table backend is released durably, since a lost release would hold it for good. The next
+//! durable commit writes every release before it.
+//!
 //! # TLS
 //!
 //! With the `tls` cargo feature (off by default), connections use rustls whenever the URL's
