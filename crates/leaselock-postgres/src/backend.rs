@@ -87,6 +87,12 @@ pub(crate) fn channel_name(kind: &str, qualified: &str, prefix: &str) -> String 
 /// The most statements one connection keeps prepared (a backend uses about a dozen).
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 
+/// A select-list expression that turns `synchronous_commit` off for the statement's own
+/// transaction (`set_config(…, true)`), so its commit does not wait for the log flush. For
+/// releases only: acquisitions and refreshes must stay durable (see the crate's "Durability").
+pub(crate) const NO_FLUSH_WAIT: &str =
+    "(SELECT count(*) FROM (SELECT set_config('synchronous_commit', 'off', true)) s)";
+
 /// One connection, whether its driver task has ended, and its prepared statements.
 pub(crate) struct Conn {
     pub(crate) client: Client,

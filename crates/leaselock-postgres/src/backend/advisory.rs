@@ -504,10 +504,10 @@ impl LockBackend for PgAdvisoryBackend {
              SELECT me.pid, coalesce((SELECT ok FROM unlocked), false) AS unlocked, \
                     (SELECT count(*) FROM cleared) AS cleared, \
                     (SELECT count(*) FROM notified) AS notified, \
-                    (SELECT count(*) FROM (SELECT set_config('synchronous_commit', 'off', true)) s) \
-                      AS relaxed \
+                    {relax} AS relaxed \
                FROM me",
-            t = self.t()
+            t = self.t(),
+            relax = super::NO_FLUSH_WAIT,
         );
         let outcome = run(
             NAME,

@@ -407,7 +407,7 @@ impl LockBackend for PgTableBackend {
         // flush also writes every release before it). A lock without expiry is released durably:
         // a lost release would hold it forever.
         let commit = if lease.ttl.is_some() {
-            "(SELECT count(*) FROM (SELECT set_config('synchronous_commit', 'off', true)) s)"
+            super::NO_FLUSH_WAIT
         } else {
             "0"
         };
