@@ -4,8 +4,8 @@
 //! Each guard's daemon still decides when its lease is due and how long it trusts it; only the
 //! call to the backend is shared. A daemon puts its lease in the locker's queue and waits for its
 //! own answer. The first lease into an empty queue starts one flush task, which sleeps for the
-//! batch window and then sends everything queued, a batch of at most `max_batch` leases per call;
-//! a queue that fills a batch before the window ends sends it at once. Queuing wakes no task, so
+//! batch window and then sends everything queued in one call; a queue that fills a batch
+//! (`max_batch` leases) before the window ends is sent at once, so no call carries more. Queuing wakes no task, so
 //! a batch costs one timer and one task however many leases it carries.
 
 use std::fmt;
@@ -91,7 +91,6 @@ impl Refresher {
                 Arc::clone(&self.backend),
                 Arc::clone(&self.queue),
                 self.window,
-                self.max_batch,
             ));
         }
         answer.await.unwrap_or_else(|_| {
@@ -118,29 +117,18 @@ impl Drop for Unflushed<'_> {
     }
 }
 
-/// Sleeps out the window, then sends every queued lease in batches of at most `max_batch`.
-async fn flush(
-    backend: Arc<dyn LockBackend>,
-    queue: Arc<Mutex<Queue>>,
-    window: Duration,
-    max_batch: usize,
-) {
+/// Sleeps out the window, then sends every queued lease in one batch.
+async fn flush(backend: Arc<dyn LockBackend>, queue: Arc<Mutex<Queue>>, window: Duration) {
     let mut unflushed = Unflushed(Some(&queue));
     tokio::time::sleep(window).await;
-    let mut requests = {
+    let requests = {
         let mut queue = lock(&queue);
         queue.flushing = false;
         std::mem::take(&mut queue.requests)
     };
     unflushed.0 = None;
-    while requests.len() > max_batch {
-        let rest = requests.split_off(max_batch);
-        tokio::spawn(send(Arc::clone(&backend), requests));
-        requests = rest;
-    }
-    if !requests.is_empty() {
-        send(backend, requests).await;
-    }
+    // Never more than a batch: `refresh` sends the queue itself when it fills one.
+    send(backend, requests).await;
 }
 
 /// One `refresh_many` call, its answers handed back lease by lease.
