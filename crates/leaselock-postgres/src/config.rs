@@ -101,7 +101,8 @@ impl PgConfig {
     /// - `prefix=NAME`: the advisory key prefix (advisory only, default `leaselock`);
     /// - `sslrootcert=PATH`: a PEM file of CA certificates to trust (with the `tls` feature);
     /// - `statement_cache=true|false`: see [`PgConfig::statement_cache`] (default `true`);
-    /// - `connections=N`: see [`PgConfig::connections`] (default 4).
+    /// - `connections=N`: see [`PgConfig::connections`] (default 4);
+    /// - `max_idle_sessions=N`: see [`PgConfig::max_idle_sessions`] (default 4).
     ///
     /// Errors are [`Error::InvalidInput`] with field `url`, and never contain the password.
     ///
@@ -159,6 +160,15 @@ impl PgConfig {
                         )
                     })?;
                     config.connections(n).map_err(as_url_error)?
+                }
+                "max_idle_sessions" => {
+                    let n = value.parse::<usize>().map_err(|_| {
+                        Error::invalid(
+                            "url",
+                            format!("max_idle_sessions must be a number, not `{value}`"),
+                        )
+                    })?;
+                    config.max_idle_sessions(n)
                 }
                 "statement_cache" => match value.as_str() {
                     "true" => config.statement_cache(true),
@@ -236,11 +246,12 @@ impl PgConfig {
         self
     }
 
-    /// Whether each advisory acquisition first checks, with one extra round trip on the control
-    /// connection, that the control connection and the lock's session are different server
-    /// sessions (behind a transaction-pooling proxy such as PgBouncer they often are the same, and
-    /// the acquisition is refused before anything is locked). The pid checks on acquire, refresh,
-    /// verify and release happen regardless. Default `true`. Advisory backend only.
+    /// Whether each new advisory session is checked when it opens, with one extra round trip on
+    /// the control connection, to be a different server session from the control connection
+    /// (behind a transaction-pooling proxy such as PgBouncer they often are the same, and the
+    /// acquisition is refused before anything is locked). A session reused from the idle ones
+    /// costs nothing more: the pid checks on acquire, refresh, verify and release happen
+    /// regardless. Default `true`. Advisory backend only.
     pub fn probe_pooler(mut self, probe: bool) -> Self {
         self.probe_pooler = probe;
         self
@@ -447,8 +458,9 @@ struct UrlParts {
     ours: Vec<(String, String)>,
 }
 
-const OUR_PARAMS: [&str; 7] = [
+const OUR_PARAMS: [&str; 8] = [
     "connections",
+    "max_idle_sessions",
     "strategy",
     "table",
     "schema",
@@ -666,6 +678,24 @@ mod tests {
         let err = PgConfig::from_url("postgres://h/db?statement_cache=maybe").unwrap_err();
         assert!(
             matches!(err, Error::InvalidInput { field: "url", .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn max_idle_sessions_from_the_url() {
+        assert_eq!(
+            PgConfig::from_url("postgres://h/db")
+                .unwrap()
+                .max_idle_sessions,
+            4
+        );
+        let c = PgConfig::from_url("postgres://h/db?max_idle_sessions=64").unwrap();
+        assert_eq!(c.max_idle_sessions, 64);
+        assert!(!format!("{:?}", c.connection()).contains("max_idle"));
+        let err = PgConfig::from_url("postgres://h/db?max_idle_sessions=-1").unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidInput { field: "url", ref reason } if reason.contains("max_idle_sessions")),
             "{err}"
         );
     }

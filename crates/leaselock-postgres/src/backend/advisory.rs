@@ -35,9 +35,9 @@ const COLUMNS: &str = "prefix, key, lock_id, token, owner, acquired_at, pid";
 /// - **Pooler-safe.** The server process id (`pg_backend_pid()`) of the lock's session is recorded
 ///   at acquire and checked by every acquire, refresh, verify and release statement. Behind a
 ///   transaction-pooling proxy such as PgBouncer it changes, and the backend refuses with an
-///   error that says so, instead of silently holding nothing. Before each acquisition the control
-///   connection's process id is compared too ([`PgConfig::probe_pooler`]), which usually refuses
-///   before anything is locked.
+///   error that says so, instead of silently holding nothing. When a session opens, the control
+///   connection's process id is compared with the session's too ([`PgConfig::probe_pooler`]),
+///   which usually refuses before anything is locked.
 /// - **Fencing tokens.** A counter table (`prefix, key, lock_id, token, owner, acquired_at, pid`;
 ///   default name [`DEFAULT_COUNTER_TABLE`]) is bumped in the same statement that takes the lock,
 ///   only when it was taken. It also names the holder for [`LockBackend::status`] and
@@ -190,6 +190,25 @@ impl PgAdvisoryBackend {
             .ok_or_else(|| Error::permanent(NAME, "pg_backend_pid() returned no row"))?
             .try_get(0)
             .map_err(conv)?;
+        if self.inner.probe_pooler {
+            // Behind a transaction pooler the control connection's next statement usually lands
+            // on the server process the session's statement just used. Checked once per session:
+            // the pid checks in every later statement catch a session that moves.
+            let row = self
+                .shared()
+                .query_one("probing for a pooler", "SELECT pg_backend_pid()", &[])
+                .await?;
+            let control_pid: i32 = row.try_get(0).map_err(conv)?;
+            if control_pid == pid {
+                return Err(error::pooler(
+                    NAME,
+                    &format!(
+                        "the control connection and a lock session both reached server process \
+                         {control_pid}"
+                    ),
+                ));
+            }
+        }
         Ok(Arc::new(Session { conn, pid }))
     }
 
@@ -361,29 +380,6 @@ impl LockBackend for PgAdvisoryBackend {
         let k = request.key();
         let id = self.lock_id(k);
         let session = self.take_session().await?;
-        if self.inner.probe_pooler {
-            let probe = self
-                .shared()
-                .query_one("probing for a pooler", "SELECT pg_backend_pid()", &[])
-                .await;
-            let row = match probe {
-                Ok(row) => row,
-                Err(e) => {
-                    self.put_idle(session);
-                    return Err(e);
-                }
-            };
-            let control_pid: i32 = row.try_get(0).map_err(conv)?;
-            if control_pid == session.pid {
-                return Err(error::pooler(
-                    NAME,
-                    &format!(
-                        "the control connection and a lock session both reached server process \
-                         {control_pid}"
-                    ),
-                ));
-            }
-        }
         // One statement: take the lock (only if the session still reaches the process it reached
         // before), bump the counter only if it was taken, else read the holder.
         let sql = format!(
