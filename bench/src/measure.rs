@@ -589,88 +589,46 @@ async fn contention(config: &Config, target: &Target, run: &str) -> Result<Vec<C
                 .map(|i| format!("bench-{run}-contention-{keys}-floor-{i}"))
                 .collect(),
         );
-        let locker = Locker::builder(target.backend(None).await?)
-            .on_unavailable(OnUnavailable::ReturnNone)
-            .build()?;
+        let contended_locker = || async {
+            Ok::<_, crate::Error>(
+                Locker::builder(target.backend_for(config.workers).await?)
+                    .on_unavailable(OnUnavailable::ReturnNone)
+                    .build()?,
+            )
+        };
         {
-            let locker = locker.clone();
+            let locker = contended_locker().await?;
             for_each_limited(names.to_vec(), 16, move |name| {
                 let locker = locker.clone();
                 async move { lease_cycle(&locker, &name).await.map(|_| ()) }
             })
             .await?;
+            let mut floor = floor::connect(target, None).await?;
+            for name in floor_names.iter() {
+                floor_cycle(&mut *floor, name).await?;
+            }
         }
-        let tally = Arc::new(Tally::default());
-        let deadline = Instant::now() + config.contention_duration;
-        let started = Instant::now();
-        let mut set = tokio::task::JoinSet::new();
-        for _ in 0..config.workers {
-            let (locker, names, tally) = (locker.clone(), Arc::clone(&names), Arc::clone(&tally));
-            set.spawn(async move {
-                while Instant::now() < deadline {
-                    // Lets the other workers run even when the backend never waits (memory).
-                    tokio::task::yield_now().await;
-                    let key = &names[fastrand::usize(..names.len())];
-                    tally.attempts.fetch_add(1, Ordering::Relaxed);
-                    match locker.acquire(key).await {
-                        Ok(Some(guard)) => match guard.release().await {
-                            Ok(true) => {
-                                tally.acquired.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(false) => tally.error("release found the lease already gone"),
-                            Err(e) => tally.error(e),
-                        },
-                        Ok(None) => {
-                            tally.refused.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => tally.error(e),
-                    }
-                }
-            });
+        // Alternating blocks, as in the uncontended measure, so that a machine whose speed
+        // drifts (other tenants, the disk) drifts under both sides alike. Each block opens its
+        // own connections (outside the clock), and closes them before the other side's: the
+        // two sides together would need more than a server's default connection limit.
+        let (lease_tally, floor_tally) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
+        let (mut lease_time, mut floor_time) = (Duration::ZERO, Duration::ZERO);
+        let block = config.contention_duration / CONTENTION_BLOCKS;
+        for _ in 0..CONTENTION_BLOCKS {
+            let locker = contended_locker().await?;
+            lease_time += lease_block(&locker, &names, &lease_tally, config.workers, block).await;
+            drop(locker);
+            tokio::time::sleep(CONNECTIONS_CLOSE).await;
+            let mut floors = Vec::with_capacity(config.workers);
+            for _ in 0..config.workers {
+                floors.push(floor::connect(target, None).await?);
+            }
+            floor_time += floor_block(floors, &floor_names, &floor_tally, block).await;
+            tokio::time::sleep(CONNECTIONS_CLOSE).await;
         }
-        while set.join_next().await.is_some() {}
-        let leaselock = tally.throughput(started.elapsed(), false);
-        drop(locker);
-
-        let mut floors = Vec::with_capacity(config.workers);
-        for _ in 0..config.workers {
-            floors.push(floor::connect(target, None).await?);
-        }
-        for name in floor_names.iter() {
-            floor_cycle(&mut *floors[0], name).await?;
-        }
-        let tally = Arc::new(Tally::default());
-        let deadline = Instant::now() + config.contention_duration;
-        let started = Instant::now();
-        let mut set = tokio::task::JoinSet::new();
-        for mut floor in floors {
-            let (names, tally) = (Arc::clone(&floor_names), Arc::clone(&tally));
-            set.spawn(async move {
-                while Instant::now() < deadline {
-                    tokio::task::yield_now().await;
-                    let key = &names[fastrand::usize(..names.len())];
-                    tally.attempts.fetch_add(1, Ordering::Relaxed);
-                    tally.statements.fetch_add(1, Ordering::Relaxed);
-                    match floor.lock(key).await {
-                        Ok(true) => {
-                            tally.statements.fetch_add(1, Ordering::Relaxed);
-                            match floor.unlock(key).await {
-                                Ok(()) => {
-                                    tally.acquired.fetch_add(1, Ordering::Relaxed);
-                                }
-                                Err(e) => tally.error(e),
-                            }
-                        }
-                        Ok(false) => {
-                            tally.refused.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => tally.error(e),
-                    }
-                }
-            });
-        }
-        while set.join_next().await.is_some() {}
-        let by_hand = tally.throughput(started.elapsed(), true);
+        let leaselock = lease_tally.throughput(lease_time, false);
+        let by_hand = floor_tally.throughput(floor_time, true);
         let statements = by_hand.statements.unwrap_or(0) as f64;
         let per_cycle = statements / (by_hand.attempts.max(1) as f64);
         let limit = statements / by_hand.elapsed_s / per_cycle.max(1e-9);
@@ -691,6 +649,93 @@ async fn contention(config: &Config, target: &Target, run: &str) -> Result<Vec<C
         });
     }
     Ok(shapes)
+}
+
+/// Blocks each side of a contended run is split into, alternating leaselock and the floor.
+const CONTENTION_BLOCKS: u32 = 5;
+
+/// Time given to a block's closed connections to end on the server before the next block opens
+/// its own.
+const CONNECTIONS_CLOSE: Duration = Duration::from_millis(300);
+
+/// `workers` tasks cycling through `locker` for `length`; how long they took.
+async fn lease_block(
+    locker: &Locker,
+    names: &Arc<Vec<String>>,
+    tally: &Arc<Tally>,
+    workers: usize,
+    length: Duration,
+) -> Duration {
+    let deadline = Instant::now() + length;
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let (locker, names, tally) = (locker.clone(), Arc::clone(names), Arc::clone(tally));
+        set.spawn(async move {
+            while Instant::now() < deadline {
+                // Lets the other workers run even when the backend never waits (memory).
+                tokio::task::yield_now().await;
+                let key = &names[fastrand::usize(..names.len())];
+                tally.attempts.fetch_add(1, Ordering::Relaxed);
+                match locker.acquire(key).await {
+                    Ok(Some(guard)) => match guard.release().await {
+                        Ok(true) => {
+                            tally.acquired.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(false) => tally.error("release found the lease already gone"),
+                        Err(e) => tally.error(e),
+                    },
+                    Ok(None) => {
+                        tally.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => tally.error(e),
+                }
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    started.elapsed()
+}
+
+/// One task per floor connection issuing the floor statements for `length` (the connections
+/// close at the end); how long they took.
+async fn floor_block(
+    floors: Vec<Box<dyn Floor>>,
+    names: &Arc<Vec<String>>,
+    tally: &Arc<Tally>,
+    length: Duration,
+) -> Duration {
+    let deadline = Instant::now() + length;
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for mut floor in floors {
+        let (names, tally) = (Arc::clone(names), Arc::clone(tally));
+        set.spawn(async move {
+            while Instant::now() < deadline {
+                tokio::task::yield_now().await;
+                let key = &names[fastrand::usize(..names.len())];
+                tally.attempts.fetch_add(1, Ordering::Relaxed);
+                tally.statements.fetch_add(1, Ordering::Relaxed);
+                match floor.lock(key).await {
+                    Ok(true) => {
+                        tally.statements.fetch_add(1, Ordering::Relaxed);
+                        match floor.unlock(key).await {
+                            Ok(()) => {
+                                tally.acquired.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => tally.error(e),
+                        }
+                    }
+                    Ok(false) => {
+                        tally.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => tally.error(e),
+                }
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    started.elapsed()
 }
 
 /// Measure 5 in a fresh process of the harness (`exe BACKEND --only scale`), so that its CPU

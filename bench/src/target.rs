@@ -344,6 +344,28 @@ impl Target {
         addr.ok_or_else(|| format!("{host} does not resolve").into())
     }
 
+    /// A new backend instance for `workers` concurrent callers, with as many server connections
+    /// as the floor gets for the same work: the PostgreSQL table spreads its statements over
+    /// `connections=workers` (at most 64) and the advisory backend keeps up to `workers` idle
+    /// sessions. MySQL's pool (at most 100 connections by default), the HTTP and MongoDB clients
+    /// and the in-process backends already grow to the load.
+    pub(crate) async fn backend_for(&self, workers: usize) -> Result<Arc<dyn LockBackend>> {
+        let n = workers.to_string();
+        let param = match self.id {
+            BackendId::PostgresTable => Some(("connections", workers.clamp(1, 64).to_string())),
+            BackendId::PostgresAdvisory => Some(("max_idle_sessions", n)),
+            _ => None,
+        };
+        match param {
+            Some((name, value)) => {
+                let mut url = url::Url::parse(&self.backend_url(None)?)?;
+                set_params(&mut url, &[(name, &value)]);
+                Ok(leaselock_postgres::from_url(url.as_str()).await?)
+            }
+            None => self.backend(None).await,
+        }
+    }
+
     /// A new backend instance, through the counting proxy at `via` if given.
     pub(crate) async fn backend(&self, via: Option<SocketAddr>) -> Result<Arc<dyn LockBackend>> {
         Ok(match self.id {
