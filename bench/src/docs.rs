@@ -146,7 +146,11 @@ fn charts(report: &Report) -> Vec<(&'static str, Chart)> {
         .map(|b| match b.handoff.ran() {
             Some(h) => Group {
                 label: b.name.to_owned(),
-                values: vec![Some(h.latency.p50_us / 1e3), Some(h.latency.p99_us / 1e3)],
+                values: vec![
+                    Some(h.latency.p50_us / 1e3),
+                    Some(h.latency.p99_us / 1e3),
+                    Some(h.floor.p50_us / 1e3),
+                ],
                 labels: vec![
                     format!(
                         "{}{}",
@@ -158,9 +162,10 @@ fn charts(report: &Report) -> Vec<(&'static str, Chart)> {
                         }
                     ),
                     ms(h.latency.p99_us),
+                    ms(h.floor.p50_us),
                 ],
             },
-            None => gap_group(b.name, 2, &gap_label(&b.handoff)),
+            None => gap_group(b.name, 3, &gap_label(&b.handoff)),
         })
         .collect();
     out.push((
@@ -179,6 +184,10 @@ fn charts(report: &Report) -> Vec<(&'static str, Chart)> {
                 Series {
                     name: "p99",
                     color: ORANGE,
+                },
+                Series {
+                    name: "floor p50 (unlock + lock by hand)",
+                    color: GREY,
                 },
             ],
             groups,
@@ -492,20 +501,29 @@ fn markdown(report: &Report, notes: &str) -> String {
          The release comes at a random moment of the waiter's poll interval, after the waiter's \
          first attempt failed; the time runs from the release call to the waiter's `acquire` \
          returning. {} handoffs. A backend with release notifications wakes the waiter; the \
-         others leave it to its next poll, so their median is about half the poll interval.\n",
+         others leave it to its next poll, so their median is about half the poll interval. \
+         The floor, in the same run: after the same kind of pause, the floor's unlock on one \
+         connection and at once its lock on another, by hand (no waiter, no wake-up between \
+         the two): what the server alone takes to hand a lock over on a machine that was idle \
+         for the pause, as it is between a real release and the work before it.\n",
         st.poll_interval_ms, st.handoffs
     );
-    let _ = writeln!(s, "| backend | p50 | p99 | waiter |");
-    let _ = writeln!(s, "|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| backend | p50 | p99 | floor p50 | floor p99 | waiter |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
     for b in ran(report) {
         match b.handoff.ran() {
             Some(h) => {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} |",
                     b.name,
                     ms(h.latency.p50_us),
                     ms(h.latency.p99_us),
+                    ms(h.floor.p50_us),
+                    ms(h.floor.p99_us),
                     if h.release_notifications {
                         "woken by a release notification".to_owned()
                     } else {
@@ -514,7 +532,7 @@ fn markdown(report: &Report, notes: &str) -> String {
                 );
             }
             None => {
-                let _ = writeln!(s, "| {} | {} | | |", b.name, gap_label(&b.handoff));
+                let _ = writeln!(s, "| {} | {} | | | | |", b.name, gap_label(&b.handoff));
             }
         }
     }

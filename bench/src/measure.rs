@@ -501,10 +501,37 @@ async fn handoff(config: &Config, target: &Target, run: &str) -> Result<Handoff>
         }
         guard.release().await?;
     }
+    // The floor: the same pauses, then the two statements by hand, back to back.
+    let (mut first, mut second) = (
+        floor::connect(target, None).await?,
+        floor::connect(target, None).await?,
+    );
+    let key = format!("bench-{run}-handoff-floor");
+    let mut floor_samples = Vec::with_capacity(config.handoffs);
+    for i in 0..(warm + config.handoffs) {
+        if !first.lock(&key).await? {
+            return Err("the floor's holder could not lock".into());
+        }
+        let pause = config.poll_interval.mul_f64(fastrand::f64()) + Duration::from_millis(1);
+        tokio::time::sleep(pause).await;
+        let released_at = Instant::now();
+        first.unlock(&key).await?;
+        if !second.lock(&key).await? {
+            return Err("the floor's waiter could not lock a released key".into());
+        }
+        let holding_at = Instant::now();
+        if i >= warm {
+            floor_samples.push(holding_at.saturating_duration_since(released_at));
+        }
+        second.unlock(&key).await?;
+        // Each side locks next as the other did: the roles alternate.
+        std::mem::swap(&mut first, &mut second);
+    }
     Ok(Handoff {
         poll_interval_ms: config.poll_interval.as_secs_f64() * 1e3,
         release_notifications: holder.capabilities().release_notifications,
         latency: Latency::of(&samples),
+        floor: Latency::of(&floor_samples),
     })
 }
 

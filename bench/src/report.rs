@@ -184,6 +184,10 @@ pub(crate) struct Handoff {
     pub(crate) release_notifications: bool,
     /// From the holder's release call to the waiter holding.
     pub(crate) latency: Latency,
+    /// The floor's handoff: after the same kind of pause, the floor's unlock on one connection
+    /// and then its lock on another, by hand and back to back (no waiting, no wake-up between
+    /// them): what the server takes for the two statements on a machine that was idle.
+    pub(crate) floor: Latency,
 }
 
 /// The throughput of one side of a contended run.
@@ -492,19 +496,21 @@ impl Report {
                     b.name.to_owned(),
                     ms(h.latency.p50_us),
                     ms(h.latency.p99_us),
+                    ms(h.floor.p50_us),
+                    ms(h.floor.p99_us),
                     if h.release_notifications {
                         "notified".into()
                     } else {
                         format!("polls every {} ms", h.poll_interval_ms)
                     },
                 ],
-                None => gap_row(b.name, &b.handoff.gap(), 4),
+                None => gap_row(b.name, &b.handoff.gap(), 6),
             });
         }
         section(
             &mut out,
-            "3. handoff (release call → waiter holding)",
-            &["backend", "p50", "p99", "waiter"],
+            "3. handoff (release call → waiter holding; floor: unlock then lock by hand)",
+            &["backend", "p50", "p99", "floor p50", "floor p99", "waiter"],
             rows,
         );
         let mut rows = Vec::new();
