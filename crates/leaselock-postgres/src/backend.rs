@@ -87,11 +87,25 @@ pub(crate) fn channel_name(kind: &str, qualified: &str, prefix: &str) -> String 
 /// The most statements one connection keeps prepared (a backend uses about a dozen).
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 
-/// A select-list expression that turns `synchronous_commit` off for the statement's own
-/// transaction (`set_config(…, true)`), so its commit does not wait for the log flush. For
-/// releases only: acquisitions and refreshes must stay durable (see the crate's "Durability").
-pub(crate) const NO_FLUSH_WAIT: &str =
-    "(SELECT count(*) FROM (SELECT set_config('synchronous_commit', 'off', true)) s)";
+/// The call that turns `synchronous_commit` off for the statement's own transaction
+/// (`set_config(…, true)`), so its commit does not wait for the log flush. For releases only:
+/// acquisitions and refreshes must stay durable (see the crate's "Durability").
+macro_rules! no_flush_wait_call {
+    () => {
+        "set_config('synchronous_commit', 'off', true)"
+    };
+}
+
+/// [`no_flush_wait_call!`] for a `RETURNING` list: evaluated once per changed row, so only a
+/// statement that changed something (and so has a commit to wait for) runs it.
+pub(crate) const NO_FLUSH_WAIT_CALL: &str = no_flush_wait_call!();
+
+/// [`no_flush_wait_call!`] as a select-list expression that runs once per statement.
+pub(crate) const NO_FLUSH_WAIT: &str = concat!(
+    "(SELECT count(*) FROM (SELECT ",
+    no_flush_wait_call!(),
+    ") s)"
+);
 
 /// One connection, whether its driver task has ended, and its prepared statements.
 pub(crate) struct Conn {
