@@ -328,7 +328,11 @@ fn markdown(report: &Report, notes: &str) -> String {
         "- Load average (1 min) {:.2} at the start and {:.2} at the end: the machine is shared, \
          the database servers run on it too, and anything above zero means other work competed \
          with the benchmark, which makes every figure noisier (the floor and leaselock are \
-         measured in alternating blocks, so ratios suffer less than absolute times).",
+         measured in alternating blocks, so ratios suffer less than absolute times). Before \
+         each measure the harness waits, up to 30 s, for a half second in which the machine's \
+         CPUs were busy less than a tenth of one CPU in all, so that what a measure leaves the \
+         servers to do (InnoDB's purge, a checkpoint, a JVM's collector) does not fall into the \
+         next.",
         m.load_start[0], m.load_end[0]
     );
     let _ = writeln!(s, "- Servers:");
@@ -549,8 +553,20 @@ fn markdown(report: &Report, notes: &str) -> String {
          floor statements the same way (take; release when taken); the server's limit is their \
          statements per second divided by the statements their cycles needed (two when won, one \
          when refused). Every key is acquired once before the clock starts. Errors are anything \
-         returned as `Err` to the caller.\n",
-        st.workers, st.keys, st.contention_duration_s, st.workers
+         returned as `Err` to the caller. The two sides run in {} alternating blocks each, so a \
+         machine whose speed drifts weighs on both alike, and with as many server connections \
+         each: the floor's {} connections, and for leaselock the backend's pool sized to the \
+         workers (PostgreSQL `connections={}` for the lease table and `max_idle_sessions={}` \
+         for advisory sessions; MySQL's pool grows to 100 by default; the DynamoDB and MongoDB \
+         clients and the in-process backends need no setting).\n",
+        st.workers,
+        st.keys,
+        st.contention_duration_s,
+        st.workers,
+        crate::measure::CONTENTION_BLOCKS,
+        st.workers,
+        st.workers.min(64),
+        st.workers
     );
     let _ = writeln!(
         s,

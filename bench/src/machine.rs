@@ -150,6 +150,43 @@ pub(crate) fn utc(time: SystemTime) -> String {
     )
 }
 
+/// Busy and total jiffies of all CPUs so far (`/proc/stat`, first line); `None` where missing.
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    let total: u64 = fields.iter().take(8).sum();
+    Some((total - idle, total))
+}
+
+/// Waits until the machine is quiet: a 500 ms window in which all CPUs together were busy less
+/// than a tenth of one CPU, so that work a previous measure left behind on the servers (InnoDB's
+/// purge, a checkpoint, a JVM's collector) does not fall into the next one. Gives up after
+/// `limit`. Returns how long it waited and the busy share of the last window (in CPUs).
+pub(crate) async fn settle(limit: std::time::Duration) -> (std::time::Duration, f64) {
+    let started = std::time::Instant::now();
+    let window = std::time::Duration::from_millis(500);
+    loop {
+        let Some((busy0, total0)) = cpu_jiffies() else {
+            return (started.elapsed(), 0.0);
+        };
+        tokio::time::sleep(window).await;
+        let Some((busy1, total1)) = cpu_jiffies() else {
+            return (started.elapsed(), 0.0);
+        };
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let share = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64 * cpus;
+        if share < 0.1 || started.elapsed() >= limit {
+            return (started.elapsed(), share);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,6 +79,20 @@ pub(crate) async fn run_all(config: &Config, command: &str) -> Report {
     }
 }
 
+/// Waits (up to 30 s) for the machine to be quiet before a measure, and says so when it was not.
+async fn quiet(id: BackendId) {
+    let (waited, busy) = machine::settle(Duration::from_secs(30)).await;
+    if waited > Duration::from_secs(1) {
+        say(
+            id,
+            format!(
+                "waited {:.1} s for the machine to settle ({busy:.2} CPUs busy at the end)",
+                waited.as_secs_f64()
+            ),
+        );
+    }
+}
+
 fn say(id: BackendId, what: impl fmt::Display) {
     eprintln!("[{}] {what}", id.name());
 }
@@ -126,6 +140,7 @@ async fn run_backend(
         }
     }
     if config.runs(Measure::Uncontended) {
+        quiet(id).await;
         report.uncontended = measured(id, "uncontended", uncontended(config, &target, run)).await;
         if let Some(u) = report.uncontended.ran() {
             say(
@@ -138,6 +153,7 @@ async fn run_backend(
         }
     }
     if config.runs(Measure::RoundTrips) {
+        quiet(id).await;
         report.round_trips = measured(id, "round trips", round_trips(config, &target, run)).await;
         if let Some(rt) = report.round_trips.ran() {
             say(
@@ -150,6 +166,7 @@ async fn run_backend(
         }
     }
     if config.runs(Measure::Handoff) {
+        quiet(id).await;
         report.handoff = measured(id, "handoff", handoff(config, &target, run)).await;
         if let Some(h) = report.handoff.ran() {
             say(
@@ -162,6 +179,7 @@ async fn run_backend(
         }
     }
     if config.runs(Measure::Contention) {
+        quiet(id).await;
         report.contention = measured(id, "contention", contention(config, &target, run)).await;
     }
     if config.runs(Measure::Scale) {
@@ -649,7 +667,7 @@ async fn contention(config: &Config, target: &Target, run: &str) -> Result<Vec<C
             tokio::time::sleep(CONNECTIONS_CLOSE).await;
             let mut floors = Vec::with_capacity(config.workers);
             for _ in 0..config.workers {
-                floors.push(floor::connect(target, None).await?);
+                floors.push(connect_floor(target).await?);
             }
             floor_time += floor_block(floors, &floor_names, &floor_tally, block).await;
             tokio::time::sleep(CONNECTIONS_CLOSE).await;
@@ -679,11 +697,28 @@ async fn contention(config: &Config, target: &Target, run: &str) -> Result<Vec<C
 }
 
 /// Blocks each side of a contended run is split into, alternating leaselock and the floor.
-const CONTENTION_BLOCKS: u32 = 5;
+pub(crate) const CONTENTION_BLOCKS: u32 = 5;
 
 /// Time given to a block's closed connections to end on the server before the next block opens
 /// its own.
-const CONNECTIONS_CLOSE: Duration = Duration::from_millis(300);
+const CONNECTIONS_CLOSE: Duration = Duration::from_millis(1000);
+
+/// A floor connection, retried for a while when the server refuses it: the previous block's
+/// connections may still be ending on the server, and counting against its connection limit.
+async fn connect_floor(target: &Target) -> Result<Box<dyn Floor>> {
+    let mut attempt = 0;
+    loop {
+        match floor::connect(target, None).await {
+            Ok(floor) => return Ok(floor),
+            Err(error) if attempt < 20 => {
+                attempt += 1;
+                tracing::debug!(%error, attempt, "floor connection refused; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
 
 /// `workers` tasks cycling through `locker` for `length`; how long they took.
 async fn lease_block(
