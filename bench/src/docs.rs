@@ -329,11 +329,11 @@ fn markdown(report: &Report, notes: &str) -> String {
          the database servers run on it too, and anything above zero means other work competed \
          with the benchmark, which makes every figure noisier (the floor and leaselock are \
          measured in alternating blocks, so ratios suffer less than absolute times). Before \
-         each measure the harness waits, up to 30 s, for a half second in which the machine's \
+         each measure the harness waits, up to {} s, for a half second in which the machine's \
          CPUs were busy less than a tenth of one CPU in all, so that what a measure leaves the \
          servers to do (InnoDB's purge, a checkpoint, a JVM's collector) does not fall into the \
          next.",
-        m.load_start[0], m.load_end[0]
+        m.load_start[0], m.load_end[0], report.settings.settle_s
     );
     let _ = writeln!(s, "- Servers:");
     for b in &report.backends {

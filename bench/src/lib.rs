@@ -78,6 +78,13 @@ pub struct Config {
     /// How long each contended run lasts (leaselock, then the floor, for each shape).
     /// Default 10 s.
     pub contention_duration: Duration,
+    /// The pause between contended blocks, for the connections one block closes to end on the
+    /// server before the next block opens its own (64 of each would exceed PostgreSQL's default
+    /// limit of 100 together). Default 1 s.
+    pub block_gap: Duration,
+    /// How long to wait at most, before each measure, for a quiet machine (a 500 ms window with
+    /// less than a tenth of one CPU busy). Default 30 s; zero does not wait.
+    pub settle: Duration,
     /// Leases held at once in the scale measure. Default 10,000.
     pub scale_leases: usize,
     /// Their lease duration (refreshed every third of it). Default 30 s.
@@ -108,6 +115,8 @@ impl Default for Config {
             workers: 64,
             keys: 1_000,
             contention_duration: Duration::from_secs(10),
+            block_gap: Duration::from_secs(1),
+            settle: Duration::from_secs(30),
             scale_leases: 10_000,
             scale_lease: Duration::from_secs(30),
             scale_duration: Duration::from_secs(60),
@@ -128,6 +137,10 @@ impl Config {
             workers: 4,
             keys: 20,
             contention_duration: Duration::from_millis(300),
+            // A few connections each, far below any limit, and tests running beside it keep
+            // the machine busy: neither pause would measure anything.
+            block_gap: Duration::ZERO,
+            settle: Duration::ZERO,
             scale_leases: 20,
             scale_lease: Duration::from_millis(1500),
             scale_duration: Duration::from_secs(1),

@@ -123,6 +123,8 @@ fn main() -> ExitCode {
         workers: cli.workers.max(1),
         keys: cli.keys.max(1),
         contention_duration: cli.contention_duration,
+        block_gap: leaselock_bench::Config::default().block_gap,
+        settle: leaselock_bench::Config::default().settle,
         scale_leases: cli.scale_leases.max(1),
         scale_lease: cli.scale_lease,
         scale_duration: cli.scale_duration,

@@ -70,6 +70,7 @@ pub(crate) async fn run_all(config: &Config, command: &str) -> Report {
             workers: config.workers,
             keys: config.keys,
             contention_duration_s: config.contention_duration.as_secs_f64(),
+            settle_s: config.settle.as_secs_f64(),
             scale_leases: config.scale_leases,
             scale_lease_s: config.scale_lease.as_secs_f64(),
             scale_refresh_interval_s: config.scale_lease.as_secs_f64() / 3.0,
@@ -79,9 +80,13 @@ pub(crate) async fn run_all(config: &Config, command: &str) -> Report {
     }
 }
 
-/// Waits (up to 30 s) for the machine to be quiet before a measure, and says so when it was not.
-async fn quiet(id: BackendId) {
-    let (waited, busy) = machine::settle(Duration::from_secs(30)).await;
+/// Waits (up to `config.settle`) for the machine to be quiet before a measure, and says so when
+/// it was not.
+async fn quiet(config: &Config, id: BackendId) {
+    if config.settle.is_zero() {
+        return;
+    }
+    let (waited, busy) = machine::settle(config.settle).await;
     if waited > Duration::from_secs(1) {
         say(
             id,
@@ -140,7 +145,7 @@ async fn run_backend(
         }
     }
     if config.runs(Measure::Uncontended) {
-        quiet(id).await;
+        quiet(config, id).await;
         report.uncontended = measured(id, "uncontended", uncontended(config, &target, run)).await;
         if let Some(u) = report.uncontended.ran() {
             say(
@@ -153,7 +158,7 @@ async fn run_backend(
         }
     }
     if config.runs(Measure::RoundTrips) {
-        quiet(id).await;
+        quiet(config, id).await;
         report.round_trips = measured(id, "round trips", round_trips(config, &target, run)).await;
         if let Some(rt) = report.round_trips.ran() {
             say(
@@ -166,7 +171,7 @@ async fn run_backend(
         }
     }
     if config.runs(Measure::Handoff) {
-        quiet(id).await;
+        quiet(config, id).await;
         report.handoff = measured(id, "handoff", handoff(config, &target, run)).await;
         if let Some(h) = report.handoff.ran() {
             say(
@@ -179,7 +184,7 @@ async fn run_backend(
         }
     }
     if config.runs(Measure::Contention) {
-        quiet(id).await;
+        quiet(config, id).await;
         report.contention = measured(id, "contention", contention(config, &target, run)).await;
     }
     if config.runs(Measure::Scale) {
@@ -542,7 +547,7 @@ async fn handoff(config: &Config, target: &Target, run: &str) -> Result<Handoff>
             floor_samples.push(holding_at.saturating_duration_since(released_at));
         }
         second.unlock(&key).await?;
-        // Each side locks next as the other did: the roles alternate.
+        // The roles alternate, so neither connection is always the one that sat idle.
         std::mem::swap(&mut first, &mut second);
     }
     Ok(Handoff {
@@ -664,13 +669,13 @@ async fn contention(config: &Config, target: &Target, run: &str) -> Result<Vec<C
             let locker = contended_locker().await?;
             lease_time += lease_block(&locker, &names, &lease_tally, config.workers, block).await;
             drop(locker);
-            tokio::time::sleep(CONNECTIONS_CLOSE).await;
+            tokio::time::sleep(config.block_gap).await;
             let mut floors = Vec::with_capacity(config.workers);
             for _ in 0..config.workers {
                 floors.push(connect_floor(target).await?);
             }
             floor_time += floor_block(floors, &floor_names, &floor_tally, block).await;
-            tokio::time::sleep(CONNECTIONS_CLOSE).await;
+            tokio::time::sleep(config.block_gap).await;
         }
         let leaselock = lease_tally.throughput(lease_time, false);
         let by_hand = floor_tally.throughput(floor_time, true);
@@ -698,10 +703,6 @@ async fn contention(config: &Config, target: &Target, run: &str) -> Result<Vec<C
 
 /// Blocks each side of a contended run is split into, alternating leaselock and the floor.
 pub(crate) const CONTENTION_BLOCKS: u32 = 5;
-
-/// Time given to a block's closed connections to end on the server before the next block opens
-/// its own.
-const CONNECTIONS_CLOSE: Duration = Duration::from_millis(1000);
 
 /// A floor connection, retried for a while when the server refuses it: the previous block's
 /// connections may still be ending on the server, and counting against its connection limit.

@@ -37,6 +37,7 @@ pub(crate) struct Settings {
     pub(crate) workers: usize,
     pub(crate) keys: usize,
     pub(crate) contention_duration_s: f64,
+    pub(crate) settle_s: f64,
     pub(crate) scale_leases: usize,
     pub(crate) scale_lease_s: f64,
     pub(crate) scale_refresh_interval_s: f64,

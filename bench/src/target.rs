@@ -350,20 +350,14 @@ impl Target {
     /// sessions. MySQL's pool (at most 100 connections by default), the HTTP and MongoDB clients
     /// and the in-process backends already grow to the load.
     pub(crate) async fn backend_for(&self, workers: usize) -> Result<Arc<dyn LockBackend>> {
-        let n = workers.to_string();
-        let param = match self.id {
-            BackendId::PostgresTable => Some(("connections", workers.clamp(1, 64).to_string())),
-            BackendId::PostgresAdvisory => Some(("max_idle_sessions", n)),
-            _ => None,
+        let (name, value) = match self.id {
+            BackendId::PostgresTable => ("connections", workers.clamp(1, 64)),
+            BackendId::PostgresAdvisory => ("max_idle_sessions", workers),
+            _ => return self.backend(None).await,
         };
-        match param {
-            Some((name, value)) => {
-                let mut url = url::Url::parse(&self.backend_url(None)?)?;
-                set_params(&mut url, &[(name, &value)]);
-                Ok(leaselock_postgres::from_url(url.as_str()).await?)
-            }
-            None => self.backend(None).await,
-        }
+        let mut url = url::Url::parse(&self.backend_url(None)?)?;
+        set_params(&mut url, &[(name, &value.to_string())]);
+        Ok(leaselock_postgres::from_url(url.as_str()).await?)
     }
 
     /// A new backend instance, through the counting proxy at `via` if given.
