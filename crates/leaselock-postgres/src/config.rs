@@ -152,24 +152,10 @@ impl PgConfig {
                 "schema" => config.schema(&value).map_err(as_url_error)?,
                 "prefix" => config.prefix(&value).map_err(as_url_error)?,
                 "sslrootcert" => config.sslrootcert(&value)?,
-                "connections" => {
-                    let n = value.parse::<usize>().map_err(|_| {
-                        Error::invalid(
-                            "url",
-                            format!("connections must be a number, not `{value}`"),
-                        )
-                    })?;
-                    config.connections(n).map_err(as_url_error)?
-                }
-                "max_idle_sessions" => {
-                    let n = value.parse::<usize>().map_err(|_| {
-                        Error::invalid(
-                            "url",
-                            format!("max_idle_sessions must be a number, not `{value}`"),
-                        )
-                    })?;
-                    config.max_idle_sessions(n)
-                }
+                "connections" => config
+                    .connections(url_number(&name, &value)?)
+                    .map_err(as_url_error)?,
+                "max_idle_sessions" => config.max_idle_sessions(url_number(&name, &value)?),
                 "statement_cache" => match value.as_str() {
                     "true" => config.statement_cache(true),
                     "false" => config.statement_cache(false),
@@ -450,6 +436,13 @@ fn as_url_error(error: Error) -> Error {
         }
         other => other,
     }
+}
+
+/// A count given in the URL as `name=value`.
+fn url_number(name: &str, value: &str) -> Result<usize> {
+    value
+        .parse()
+        .map_err(|_| Error::invalid("url", format!("{name} must be a number, not `{value}`")))
 }
 
 /// A URL split into what the driver gets and our own parameters.
