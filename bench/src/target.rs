@@ -273,8 +273,14 @@ impl Target {
                 let (client, connection) =
                     config.connection().connect(tokio_postgres::NoTls).await?;
                 let driver = tokio::spawn(connection);
+                let mut tables = self.pg_table()?;
+                if self.id == BackendId::PostgresAdvisory {
+                    // The holder table, named after the counter table.
+                    let holders = leaselock_postgres::PgAdvisoryBackend::new(config)?;
+                    tables = format!("{tables}, {}", holders.holder_table());
+                }
                 client
-                    .batch_execute(&format!("DROP TABLE IF EXISTS {}", self.pg_table()?))
+                    .batch_execute(&format!("DROP TABLE IF EXISTS {tables}"))
                     .await?;
                 drop(client);
                 let _ = driver.await;

@@ -241,7 +241,17 @@ pub fn native_text(key: &str, native: &NativeName) -> String {
     );
     if let Some(table) = &native.table {
         match native.kind {
-            "advisory_lock" | "get_lock" => lines.push((
+            "advisory_lock" => {
+                lines.push((
+                    "counter table",
+                    format!("{table} (durable fencing token reservations)"),
+                ));
+                lines.push((
+                    "holder table",
+                    format!("{table}_holders (holders and their tokens, unlogged)"),
+                ));
+            }
+            "get_lock" => lines.push((
                 "counter table",
                 format!("{table} (fencing counters and holders)"),
             )),

@@ -88,24 +88,11 @@ pub(crate) fn channel_name(kind: &str, qualified: &str, prefix: &str) -> String 
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 
 /// The call that turns `synchronous_commit` off for the statement's own transaction
-/// (`set_config(…, true)`), so its commit does not wait for the log flush. For releases only:
-/// acquisitions and refreshes must stay durable (see the crate's "Durability").
-macro_rules! no_flush_wait_call {
-    () => {
-        "set_config('synchronous_commit', 'off', true)"
-    };
-}
-
-/// [`no_flush_wait_call!`] for a `RETURNING` list: evaluated once per changed row, so only a
-/// statement that changed something (and so has a commit to wait for) runs it.
-pub(crate) const NO_FLUSH_WAIT_CALL: &str = no_flush_wait_call!();
-
-/// [`no_flush_wait_call!`] as a select-list expression that runs once per statement.
-pub(crate) const NO_FLUSH_WAIT: &str = concat!(
-    "(SELECT count(*) FROM (SELECT ",
-    no_flush_wait_call!(),
-    ") s)"
-);
+/// (`set_config(…, true)`), so its commit does not wait for the log flush, for a `RETURNING`
+/// list: evaluated once per changed row, so only a statement that changed something (and so has
+/// a commit to wait for) runs it. For releases only: acquisitions and refreshes must stay durable
+/// (see the crate's "Durability").
+pub(crate) const NO_FLUSH_WAIT_CALL: &str = "set_config('synchronous_commit', 'off', true)";
 
 /// One connection, whether its driver task has ended, and its prepared statements.
 pub(crate) struct Conn {
@@ -433,18 +420,24 @@ impl Shared {
     /// The pre-flight check: the table exists with the expected columns, and this role may read
     /// and write it.
     pub(crate) async fn check(&self, columns: &str) -> Result<()> {
+        self.check_table(&self.qualified, columns).await
+    }
+
+    /// [`Shared::check`] for `table` (schema-qualified and quoted), which may be a companion of
+    /// the backend's own table.
+    pub(crate) async fn check_table(&self, table: &str, columns: &str) -> Result<()> {
         let sql = format!(
             "SELECT (SELECT count(*) FROM (SELECT {columns} FROM {t} LIMIT 0) probe) AS n, \
                     has_table_privilege($1, 'SELECT') AS can_select, \
                     has_table_privilege($1, 'INSERT') AS can_insert, \
                     has_table_privilege($1, 'UPDATE') AS can_update",
-            t = self.qualified
+            t = table
         );
         let row = self
             .query_one(
-                &format!("checking table {}", self.qualified),
+                &format!("checking table {table}"),
                 &sql,
-                &[(&self.qualified, Type::TEXT)],
+                &[(&table, Type::TEXT)],
             )
             .await?;
         let missing: Vec<&str> = [
@@ -464,7 +457,7 @@ impl Shared {
                 what: format!(
                     "this role lacks {} privilege on table {}",
                     missing.join(", "),
-                    self.qualified
+                    table
                 ),
                 source: None,
             })

@@ -96,7 +96,8 @@ impl PgConfig {
     /// are removed before the rest goes to the driver:
     ///
     /// - `strategy=advisory|table`: which backend [`crate::from_url`] builds (default `advisory`);
-    /// - `table=NAME`: the lease table, or for advisory locks the fencing-counter table;
+    /// - `table=NAME`: the lease table, or for advisory locks the fencing-counter table (whose
+    ///   holder table is `NAME_holders`);
     /// - `schema=NAME`: the schema of that table (default: the connection's `search_path`);
     /// - `prefix=NAME`: the advisory key prefix (advisory only, default `leaselock`);
     /// - `sslrootcert=PATH`: a PEM file of CA certificates to trust (with the `tls` feature);
@@ -193,8 +194,9 @@ impl PgConfig {
 
     /// The table: the lease table for [`PgTableBackend`](crate::PgTableBackend) (default
     /// [`DEFAULT_TABLE`]), the fencing-counter table for
-    /// [`PgAdvisoryBackend`](crate::PgAdvisoryBackend) (default [`DEFAULT_COUNTER_TABLE`]).
-    /// Validated (field `table`) and quoted.
+    /// [`PgAdvisoryBackend`](crate::PgAdvisoryBackend) (default [`DEFAULT_COUNTER_TABLE`]; its
+    /// holder table is named the same with `_holders` appended, so keep this name within 55
+    /// bytes for that backend). Validated (field `table`) and quoted.
     pub fn table(mut self, table: &str) -> Result<Self> {
         self.table = Some(Namespace::for_field("table", table)?);
         Ok(self)
@@ -384,6 +386,28 @@ impl PgConfig {
         let user = c.get_user().map(|u| format!("{u}@")).unwrap_or_default();
         let db = c.get_dbname().unwrap_or_default();
         format!("{user}{hosts}/{db}")
+    }
+
+    /// The schema-qualified, quoted name of the table named like the configured one (or
+    /// `default_table`) with `suffix` appended, in the same schema: a companion table. Errors
+    /// (field `table`) when the name grows past the identifier limit.
+    pub(crate) fn qualified_companion(&self, default_table: &str, suffix: &str) -> Result<String> {
+        let base = self.table.as_ref().map_or(default_table, Namespace::as_str);
+        let table = Namespace::for_field("table", format!("{base}{suffix}")).map_err(|_| {
+            Error::invalid(
+                "table",
+                format!(
+                    "is {} bytes long; with the `{suffix}` of its companion table the limit \
+                     is {}",
+                    base.len(),
+                    Namespace::MAX_LEN - suffix.len()
+                ),
+            )
+        })?;
+        Ok(match &self.schema {
+            Some(schema) => format!("{}.{}", schema.quoted(), table.quoted()),
+            None => table.quoted(),
+        })
     }
 
     /// The schema-qualified, quoted table name for statements.
@@ -586,6 +610,22 @@ mod tests {
         assert_eq!(c.qualified(DEFAULT_TABLE), "\"locks\"");
         let c = c.schema("ops").unwrap();
         assert_eq!(c.qualified(DEFAULT_TABLE), "\"ops\".\"locks\"");
+        assert_eq!(
+            c.qualified_companion(DEFAULT_TABLE, "_holders").unwrap(),
+            "\"ops\".\"locks_holders\""
+        );
+        let long = PgConfig::from_url("postgres://h/db")
+            .unwrap()
+            .table(&"t".repeat(60))
+            .unwrap();
+        let e = long
+            .qualified_companion(DEFAULT_TABLE, "_holders")
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidInput { field: "table", .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("limit is 55"), "{e}");
 
         for (bad, field_hint) in [
             ("postgres://h/db?strategy=mutex", "strategy"),

@@ -7,11 +7,11 @@
 //! | lock | session advisory lock, `pg_try_advisory_lock` | a row in a lease table |
 //! | kind | [`LockKind::Session`](leaselock::LockKind::Session): held while its connection lives | [`LockKind::Lease`](leaselock::LockKind::Lease): expires unless refreshed |
 //! | expiry clock | none | the server's, `now()` |
-//! | fencing tokens | counter table, bumped in the same statement as the lock | in the lease row |
+//! | fencing tokens | the holder table, in the same statement as the lock, under a durable reservation in the counter table | in the lease row |
 //! | holder told when lost | at once, when its session ends | at its next refresh, or its local deadline |
 //! | waiters woken on release | `LISTEN`/`NOTIFY` | `LISTEN`/`NOTIFY` |
 //! | through PgBouncer (transaction pooling) | refused with a clear error | works (wake-ups fall back to polling) |
-//! | storage | `leaselock_advisory` (configurable) | `leaselock_locks` (configurable) |
+//! | storage | `leaselock_advisory` and `leaselock_advisory_holders` (configurable) | `leaselock_locks` (configurable) |
 //!
 //! The advisory backend is what goose, sqlx and Flyway use, done right: try-lock only (so work
 //! running `CREATE INDEX CONCURRENTLY` under the lock cannot deadlock with waiters), one dedicated
@@ -42,6 +42,12 @@
 //! process that no longer exists (advisory), which reads as free. A lock without expiry on the
 //! table backend is released durably, since a lost release would hold it for good. The next
 //! durable commit writes every release before it.
+//!
+//! The advisory backend's lock lives in the server's memory, and so does most of its
+//! bookkeeping: its holder table is `UNLOGGED`, so an acquisition waits for no flush either,
+//! except the one in 1,000 per key that raises the key's token reservation in the durable counter
+//! table. A crash, which ends every session lock, also empties the holder table, and tokens
+//! continue above the reservation (see [`PgAdvisoryBackend`]).
 //!
 //! # TLS
 //!

@@ -214,7 +214,8 @@ async fn concurrent_init_from_16_tasks() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(schema_tables, 2);
+    // The lease table, and the advisory backend's counter and holder tables.
+    assert_eq!(schema_tables, 3);
 }
 
 /// Through PgBouncer in transaction mode, advisory locks are refused with an error naming the
@@ -594,4 +595,142 @@ async fn tls_connection_verifies_the_server() {
         "{shown}"
     );
     assert!(matches!(err, Error::NotAccessible { .. }), "{err:?}");
+}
+
+/// The durable token reservation of `k` in the advisory backend's counter table, read by hand.
+async fn reservation(client: &Client, backend: &PgAdvisoryBackend, k: &LockKey) -> Option<i64> {
+    client
+        .query_opt(
+            &format!(
+                "SELECT token FROM {} WHERE prefix = $1 AND key = $2",
+                backend.counter_table()
+            ),
+            &[&backend.prefix(), &k.as_str()],
+        )
+        .await
+        .expect("read the counter table")
+        .map(|r| r.get(0))
+}
+
+/// Tokens come from the unlogged holder table, under a durable reservation in the counter table
+/// that only a token passing it raises (1,000 ahead, once per 1,000 acquisitions of a key). A
+/// crash empties the holder table (what `TRUNCATE` does here): the next token is above every one
+/// handed out before, because none passed the reservation.
+#[tokio::test]
+async fn advisory_tokens_grow_across_a_crash_that_empties_the_holder_table() {
+    let Some(url) = pg_url() else { return };
+    let ns = fresh("crash");
+    let backend = advisory(&url, &ns).await;
+    let client = raw(&url).await;
+    let persistence: String = client
+        .query_one(
+            "SELECT relpersistence::text FROM pg_class WHERE oid = $1::text::regclass",
+            &[&backend.holder_table()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(persistence, "u", "the holder table must be unlogged");
+    let k = key("crash");
+    let a = owner("a");
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let lease = acquire(&backend, &request(&k, &a)).await;
+        tokens.push(lease.token.get());
+        assert!(backend.release(&lease).await.unwrap());
+    }
+    assert_eq!(tokens, [1, 2, 3]);
+    // Only the first acquisition reserved: 1 + 999.
+    assert_eq!(reservation(&client, &backend, &k).await, Some(1000));
+
+    // A reservation a token reaches is raised by that acquisition, 999 past it.
+    client
+        .execute(
+            &format!(
+                "UPDATE {} SET token = 4 WHERE prefix = $1 AND key = $2",
+                backend.counter_table()
+            ),
+            &[&backend.prefix(), &k.as_str()],
+        )
+        .await
+        .unwrap();
+    let lease = acquire(&backend, &request(&k, &a)).await;
+    assert_eq!(lease.token.get(), 4);
+    assert_eq!(reservation(&client, &backend, &k).await, Some(4));
+    assert!(backend.release(&lease).await.unwrap());
+    let lease = acquire(&backend, &request(&k, &a)).await;
+    assert_eq!(lease.token.get(), 5);
+    assert_eq!(reservation(&client, &backend, &k).await, Some(5 + 999));
+    assert!(backend.release(&lease).await.unwrap());
+
+    // The crash: the holder table is empty again, the reservation durable.
+    client
+        .batch_execute(&format!("TRUNCATE {}", backend.holder_table()))
+        .await
+        .unwrap();
+    let lease = acquire(&backend, &request(&k, &a)).await;
+    assert_eq!(
+        lease.token.get(),
+        1005,
+        "above the reservation, so above every earlier token"
+    );
+    assert_eq!(reservation(&client, &backend, &k).await, Some(1005 + 999));
+    assert_eq!(
+        backend.status(&k).await.unwrap(),
+        LockState::Held({
+            let mut info = leaselock::LockInfo::new(k.clone(), a.clone(), lease.token);
+            info.acquired_at = Some(lease.acquired_at);
+            info
+        })
+    );
+    assert!(backend.release(&lease).await.unwrap());
+}
+
+/// A counter table made by an earlier version (holder columns in the counter table, its token the
+/// last one handed out) keeps working: its tokens are a reservation, so the next token is above.
+#[tokio::test]
+async fn advisory_keeps_an_earlier_versions_counter_table() {
+    let Some(url) = pg_url() else { return };
+    let ns = fresh("upgrade");
+    let client = raw(&url).await;
+    let k = key("upgrade");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE \"{ns}\" (prefix text NOT NULL, key text NOT NULL, \
+               lock_id bigint NOT NULL, token bigint NOT NULL CHECK (token > 0), owner text, \
+               acquired_at timestamptz, pid integer, PRIMARY KEY (prefix, key))"
+        ))
+        .await
+        .unwrap();
+    client
+        .execute(
+            &format!("INSERT INTO \"{ns}\" VALUES ($1, $2, 7, 41, NULL, NULL, NULL)"),
+            &[&ns, &k.as_str()],
+        )
+        .await
+        .unwrap();
+    let backend = advisory(&url, &ns).await;
+    let lease = acquire(&backend, &request(&k, &owner("a"))).await;
+    assert_eq!(lease.token.get(), 42);
+    assert!(backend.release(&lease).await.unwrap());
+}
+
+/// The holder table's name is the counter table's with `_holders`: a counter table name that
+/// leaves no room for it is refused when the backend is built, naming the field.
+#[test]
+fn advisory_refuses_a_counter_table_name_too_long_for_its_holder_table() {
+    let config = PgConfig::from_url("postgres://app@localhost/app")
+        .unwrap()
+        .table(&"c".repeat(56))
+        .unwrap();
+    let e = PgAdvisoryBackend::new(config).unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidInput { field: "table", .. }),
+        "{e}"
+    );
+    let config = PgConfig::from_url("postgres://app@localhost/app")
+        .unwrap()
+        .table(&"c".repeat(55))
+        .unwrap();
+    assert!(PgAdvisoryBackend::new(config).is_ok());
 }

@@ -18,10 +18,17 @@ use crate::config::{PgConfig, DEFAULT_COUNTER_TABLE};
 use crate::error;
 
 const NAME: &str = "postgres-advisory";
-const COLUMNS: &str = "prefix, key, lock_id, token, owner, acquired_at, pid";
+const COLUMNS: &str = "prefix, key, lock_id, token";
+const HOLDER_COLUMNS: &str = "prefix, key, lock_id, token, owner, acquired_at, pid";
+/// The holder table's name: the counter table's with this appended.
+const HOLDER_SUFFIX: &str = "_holders";
+/// How far ahead of the last token issued for a key the counter table reserves, durably. Every
+/// this many acquisitions of a key, one waits for a log flush; a crash skips at most this many
+/// tokens.
+const TOKEN_BLOCK: i64 = 1000;
 
 /// Session advisory locks (`pg_try_advisory_lock`), each held on its own dedicated connection,
-/// with fencing tokens from a counter table.
+/// with fencing tokens from a holder table backed by a durable counter table.
 ///
 /// - **Try-lock only.** Acquiring never calls the blocking `pg_advisory_lock`; waiting is the
 ///   orchestrator's polling or wake-up. So work that runs `CREATE INDEX CONCURRENTLY` under the
@@ -38,10 +45,18 @@ const COLUMNS: &str = "prefix, key, lock_id, token, owner, acquired_at, pid";
 ///   error that says so, instead of silently holding nothing. When a session opens, the control
 ///   connection's process id is compared with the session's too ([`PgConfig::probe_pooler`]),
 ///   which usually refuses before anything is locked.
-/// - **Fencing tokens.** A counter table (`prefix, key, lock_id, token, owner, acquired_at, pid`;
-///   default name [`DEFAULT_COUNTER_TABLE`]) is bumped in the same statement that takes the lock,
-///   only when it was taken. It also names the holder for [`LockBackend::status`] and
-///   [`LockBackend::list`], which combine it with `pg_locks`.
+/// - **Fencing tokens, without a log flush per lock.** The statement that takes the lock, only
+///   when it was taken, records the holder and the key's next token in the *holder table*
+///   (`prefix, key, lock_id, token, owner, acquired_at, pid`; the counter table's name with
+///   `_holders` appended), an `UNLOGGED` table: writing it waits for no disk, like the lock
+///   itself. The *counter table* (`prefix, key, lock_id, token`; default name
+///   [`DEFAULT_COUNTER_TABLE`]) holds, durably, a token no holder of the key has reached: the same
+///   statement raises it 1,000 ahead whenever a token would pass it, and only that acquisition
+///   waits for the log flush. A crash empties the holder table, as it ends every session and so
+///   every lock; the next acquisition then continues above the durable reservation. So tokens
+///   only grow, across crashes too, and a crash skips at most 1,000 of them. The holder table
+///   also names the holder for [`LockBackend::status`] and [`LockBackend::list`], which combine
+///   it with `pg_locks`.
 /// - **Wake-ups.** Release sends `pg_notify` in the same statement as `pg_advisory_unlock`.
 ///
 /// A lease can be released, refreshed and verified only through the backend instance that
@@ -73,6 +88,8 @@ pub struct PgAdvisoryBackend {
 
 struct Inner {
     shared: Shared,
+    /// The holder table, schema-qualified and quoted.
+    holders: String,
     prefix: String,
     probe_pooler: bool,
     max_idle: usize,
@@ -97,6 +114,7 @@ impl fmt::Debug for PgAdvisoryBackend {
         f.debug_struct("PgAdvisoryBackend")
             .field("target", &self.inner.shared.connector_target())
             .field("counter_table", &self.inner.shared.qualified)
+            .field("holder_table", &self.inner.holders)
             .field("prefix", &self.inner.prefix)
             .field("held", &lock(&self.inner.held).len())
             .finish_non_exhaustive()
@@ -115,15 +133,19 @@ fn conv(e: tokio_postgres::Error) -> Error {
 }
 
 impl PgAdvisoryBackend {
-    /// A backend over `config`: its prefix and counter table (default [`DEFAULT_COUNTER_TABLE`]).
-    /// Connects lazily; call [`LockBackend::init_storage`] once to create the counter table.
+    /// A backend over `config`: its prefix and counter table (default [`DEFAULT_COUNTER_TABLE`]),
+    /// and the holder table named after it. Connects lazily; call [`LockBackend::init_storage`]
+    /// once to create both tables. Errors (field `table`) when the counter table's name leaves no
+    /// room for the `_holders` of the holder table's (55 bytes at most).
     pub fn new(config: PgConfig) -> Result<Self> {
         let qualified = config.qualified(DEFAULT_COUNTER_TABLE);
+        let holders = config.qualified_companion(DEFAULT_COUNTER_TABLE, HOLDER_SUFFIX)?;
         let prefix = config.prefix_name().to_owned();
         let channel = channel_name("advisory", &qualified, &prefix);
         Ok(Self {
             inner: Arc::new(Inner {
                 shared: Shared::new(NAME, &config, qualified, channel)?,
+                holders,
                 prefix,
                 probe_pooler: config.probe_pooler,
                 max_idle: config.max_idle_sessions,
@@ -148,6 +170,21 @@ impl PgAdvisoryBackend {
         &self.inner.shared.qualified
     }
 
+    /// The schema-qualified, quoted holder table name: the counter table's with `_holders`
+    /// appended.
+    ///
+    /// ```
+    /// use leaselock_postgres::{PgAdvisoryBackend, PgConfig};
+    /// let config = PgConfig::from_url("postgres://app@localhost/app?table=locks&schema=ops")?;
+    /// let backend = PgAdvisoryBackend::new(config)?;
+    /// assert_eq!(backend.counter_table(), "\"ops\".\"locks\"");
+    /// assert_eq!(backend.holder_table(), "\"ops\".\"locks_holders\"");
+    /// # Ok::<(), leaselock::Error>(())
+    /// ```
+    pub fn holder_table(&self) -> &str {
+        &self.inner.holders
+    }
+
     /// The server process id (`pg_backend_pid()`) of the session holding `lease`, if this
     /// instance holds it.
     pub fn session_pid(&self, lease: &Lease) -> Option<i32> {
@@ -157,8 +194,14 @@ impl PgAdvisoryBackend {
             .map(|s| s.pid)
     }
 
+    /// The counter table.
     fn t(&self) -> &str {
         &self.inner.shared.qualified
+    }
+
+    /// The holder table.
+    fn h(&self) -> &str {
+        &self.inner.holders
     }
 
     fn shared(&self) -> &Shared {
@@ -311,7 +354,7 @@ enum Check {
 const SESSION_ENDED: &str =
     "the lock's session ended (connection closed, or terminated on the server)";
 
-/// Who holds an advisory lock, from a counter row (owner, token, acquired_at, pid at `at`) and
+/// Who holds an advisory lock, from a holder row (owner, token, acquired_at, pid at `at`) and
 /// the process actually holding the lock.
 fn holder_info(
     k: &LockKey,
@@ -354,8 +397,17 @@ impl LockBackend for PgAdvisoryBackend {
     }
 
     async fn init_storage(&self) -> Result<()> {
+        // A counter table made by an earlier version has the holder columns too; they are no
+        // longer written, and its tokens are a valid reservation (no holder passed them).
         let ddl = format!(
             "CREATE TABLE IF NOT EXISTS {t} ( \
+                prefix text NOT NULL, \
+                key text NOT NULL, \
+                lock_id bigint NOT NULL, \
+                token bigint NOT NULL CHECK (token > 0), \
+                PRIMARY KEY (prefix, key) \
+             ); \
+             CREATE UNLOGGED TABLE IF NOT EXISTS {h} ( \
                 prefix text NOT NULL, \
                 key text NOT NULL, \
                 lock_id bigint NOT NULL, \
@@ -365,14 +417,16 @@ impl LockBackend for PgAdvisoryBackend {
                 pid integer, \
                 PRIMARY KEY (prefix, key) \
              );",
-            t = self.t()
+            t = self.t(),
+            h = self.h()
         );
         self.shared().init(&ddl, self.shared().schema()).await?;
         self.check_storage().await
     }
 
     async fn check_storage(&self) -> Result<()> {
-        self.shared().check(COLUMNS).await
+        self.shared().check(COLUMNS).await?;
+        self.shared().check_table(self.h(), HOLDER_COLUMNS).await
     }
 
     async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
@@ -381,29 +435,51 @@ impl LockBackend for PgAdvisoryBackend {
         let id = self.lock_id(k);
         let session = self.take_session().await?;
         // One statement: take the lock (only if the session still reaches the process it reached
-        // before), bump the counter only if it was taken, else read the holder.
+        // before); only if it was taken, record the holder with the key's next token (the last
+        // one + 1, or above the durable reservation when the holder table has no row for the key:
+        // a new key, or a crash emptied it), and raise the reservation when the token passes it;
+        // else read the holder. The token is computed in `DO UPDATE`, which reads the row's
+        // latest version, never the statement's snapshot: a holder that came and went between
+        // the snapshot and the lock is counted. The reservation may be read stale (it only
+        // grows), which can only raise it once more than needed. Only a raise writes a logged
+        // table, so only then does the commit wait for the log flush.
         let sql = format!(
             "WITH me AS MATERIALIZED (SELECT pg_backend_pid() AS pid), \
              attempt AS MATERIALIZED ( \
                SELECT pg_try_advisory_lock($1) AS locked FROM me WHERE me.pid = $5 \
              ), \
-             bump AS ( \
-               INSERT INTO {t} AS c (prefix, key, lock_id, token, owner, acquired_at, pid) \
-               SELECT $2, $3, $1, 1, $4, now(), me.pid FROM me, attempt WHERE attempt.locked \
+             reserved AS MATERIALIZED ( \
+               SELECT coalesce((SELECT c.token FROM {t} c WHERE c.prefix = $2 AND c.key = $3), 0) \
+                 AS token \
+             ), \
+             bump AS MATERIALIZED ( \
+               INSERT INTO {h} AS h (prefix, key, lock_id, token, owner, acquired_at, pid) \
+               SELECT $2, $3, $1, r.token + 1, $4, now(), me.pid \
+                 FROM me, attempt, reserved r WHERE attempt.locked \
                ON CONFLICT (prefix, key) DO UPDATE \
-                 SET token = c.token + 1, lock_id = EXCLUDED.lock_id, owner = EXCLUDED.owner, \
+                 SET token = h.token + 1, lock_id = EXCLUDED.lock_id, owner = EXCLUDED.owner, \
                      acquired_at = EXCLUDED.acquired_at, pid = EXCLUDED.pid \
-               RETURNING c.token, c.acquired_at \
+               RETURNING h.token, h.acquired_at \
+             ), \
+             raised AS ( \
+               INSERT INTO {t} AS c (prefix, key, lock_id, token) \
+               SELECT $2, $3, $1, b.token + {block} FROM bump b, reserved r WHERE b.token > r.token \
+               ON CONFLICT (prefix, key) DO UPDATE \
+                 SET token = greatest(c.token, EXCLUDED.token), lock_id = EXCLUDED.lock_id \
+               RETURNING 1 \
              ) \
              SELECT me.pid, coalesce((SELECT locked FROM attempt), false) AS locked, \
                     b.token AS new_token, b.acquired_at AS new_acquired_at, \
-                    h.owner, h.token, h.acquired_at, h.pid, \
+                    o.owner, o.token, o.acquired_at, o.pid, \
                     (SELECT l.pid FROM pg_locks l WHERE b.token IS NULL AND {m} AND l.granted \
-                      LIMIT 1) AS holder_pid \
+                      LIMIT 1) AS holder_pid, \
+                    (SELECT count(*) FROM raised) AS raised \
                FROM me \
                LEFT JOIN bump b ON true \
-               LEFT JOIN {t} h ON b.token IS NULL AND h.prefix = $2 AND h.key = $3",
+               LEFT JOIN {h} o ON b.token IS NULL AND o.prefix = $2 AND o.key = $3",
             t = self.t(),
+            h = self.h(),
+            block = TOKEN_BLOCK - 1,
             m = lock_match("$1")
         );
         let outcome = run(
@@ -480,18 +556,15 @@ impl LockBackend for PgAdvisoryBackend {
         }
         let id = self.lock_id(&lease.key);
         let raw_token = lease.token.get() as i64;
-        // The release commits without waiting for the log flush (`synchronous_commit` off for
-        // this transaction alone): the lock itself is the session's and ends with it, and a
-        // cleared record the server loses in a crash names a process that no longer exists,
-        // which `status` and `list` already read as free. Tokens stay safe: only acquisitions
-        // raise the counter, and they stay durable.
+        // The release writes only the unlogged holder table, so its commit waits for no log
+        // flush.
         let sql = format!(
             "WITH me AS MATERIALIZED (SELECT pg_backend_pid() AS pid), \
              unlocked AS MATERIALIZED ( \
                SELECT pg_advisory_unlock($1) AS ok FROM me WHERE me.pid = $6 \
              ), \
              cleared AS ( \
-               UPDATE {t} SET owner = NULL, acquired_at = NULL, pid = NULL \
+               UPDATE {h} SET owner = NULL, acquired_at = NULL, pid = NULL \
                 WHERE prefix = $2 AND key = $3 AND owner = $4 AND token = $5 \
                   AND EXISTS (SELECT 1 FROM unlocked WHERE ok) \
                RETURNING 1 \
@@ -499,11 +572,9 @@ impl LockBackend for PgAdvisoryBackend {
              notified AS MATERIALIZED (SELECT pg_notify($7, $3) FROM unlocked WHERE ok) \
              SELECT me.pid, coalesce((SELECT ok FROM unlocked), false) AS unlocked, \
                     (SELECT count(*) FROM cleared) AS cleared, \
-                    (SELECT count(*) FROM notified) AS notified, \
-                    {relax} AS relaxed \
+                    (SELECT count(*) FROM notified) AS notified \
                FROM me",
-            t = self.t(),
-            relax = super::NO_FLUSH_WAIT,
+            h = self.h(),
         );
         let outcome = run(
             NAME,
@@ -556,8 +627,8 @@ impl LockBackend for PgAdvisoryBackend {
             "SELECT (SELECT l.pid FROM pg_locks l WHERE {m} AND l.granted LIMIT 1) AS holder_pid, \
                     c.owner, c.token, c.acquired_at, c.pid \
                FROM (SELECT 1) AS one \
-               LEFT JOIN {t} c ON c.prefix = $2 AND c.key = $3",
-            t = self.t(),
+               LEFT JOIN {h} c ON c.prefix = $2 AND c.key = $3",
+            h = self.h(),
             m = lock_match("$1")
         );
         let row = self
@@ -582,11 +653,11 @@ impl LockBackend for PgAdvisoryBackend {
     async fn list(&self) -> Result<Vec<LockInfo>> {
         let sql = format!(
             "SELECT c.key, c.owner, c.token, c.acquired_at, c.pid, l.pid AS holder_pid \
-               FROM {t} c \
+               FROM {h} c \
                JOIN pg_locks l ON {m} AND l.granted AND l.pid = c.pid \
               WHERE c.prefix = $1 AND c.owner IS NOT NULL \
               ORDER BY c.key COLLATE \"C\"",
-            t = self.t(),
+            h = self.h(),
             m = lock_match("c.lock_id")
         );
         let rows = self
@@ -617,10 +688,10 @@ impl LockBackend for PgAdvisoryBackend {
                SELECT pid, pg_terminate_backend(pid, 5000) AS ok FROM holder \
              ), \
              old AS MATERIALIZED ( \
-               SELECT owner, token, acquired_at, pid FROM {t} WHERE prefix = $2 AND key = $3 \
+               SELECT owner, token, acquired_at, pid FROM {h} WHERE prefix = $2 AND key = $3 \
              ), \
              cleared AS ( \
-               UPDATE {t} SET owner = NULL, acquired_at = NULL, pid = NULL \
+               UPDATE {h} SET owner = NULL, acquired_at = NULL, pid = NULL \
                 WHERE prefix = $2 AND key = $3 AND owner IS NOT NULL \
                   AND NOT EXISTS (SELECT 1 FROM killed WHERE NOT ok) \
                RETURNING 1 \
@@ -632,7 +703,7 @@ impl LockBackend for PgAdvisoryBackend {
                     (SELECT count(*) FROM cleared) AS cleared, \
                     (SELECT count(*) FROM notified) AS notified \
                FROM (SELECT 1) AS one LEFT JOIN old o ON true",
-            t = self.t(),
+            h = self.h(),
             m = lock_match("$1")
         );
         let row = self
@@ -670,18 +741,18 @@ impl LockBackend for PgAdvisoryBackend {
     }
 
     async fn release_expired(&self) -> Result<u64> {
-        // Session locks do not expire; this clears holders recorded in the counter table whose
-        // session ended without releasing (a crash, a killed connection).
+        // Session locks do not expire; this clears holders recorded in the holder table whose
+        // session ended without releasing (a killed connection, a crashed client).
         let sql = format!(
             "WITH cleared AS ( \
-               UPDATE {t} c SET owner = NULL, acquired_at = NULL, pid = NULL \
+               UPDATE {h} c SET owner = NULL, acquired_at = NULL, pid = NULL \
                 WHERE c.prefix = $1 AND c.owner IS NOT NULL \
                   AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE {m} AND l.granted AND l.pid = c.pid) \
                RETURNING c.key \
              ), notified AS MATERIALIZED (SELECT pg_notify($2, cleared.key) FROM cleared) \
              SELECT (SELECT count(*) FROM cleared) AS cleared, \
                     (SELECT count(*) FROM notified) AS notified",
-            t = self.t(),
+            h = self.h(),
             m = lock_match("c.lock_id")
         );
         let row = self
