@@ -289,7 +289,9 @@ impl Target {
                 use mysql_async::prelude::Queryable;
                 let opts = mysql_async::Opts::from_url(&self.driver_url(None)?)?;
                 let mut conn = mysql_async::Conn::new(opts).await?;
-                conn.query_drop(format!("DROP TABLE IF EXISTS `{}`", self.storage_name()))
+                let table = self.storage_name();
+                // The GET_LOCK backend's holder table is named after its counter table.
+                conn.query_drop(format!("DROP TABLE IF EXISTS `{table}`, `{table}_holders`"))
                     .await?;
                 let _ = conn.disconnect().await;
             }

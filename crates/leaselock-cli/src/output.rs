@@ -241,20 +241,20 @@ pub fn native_text(key: &str, native: &NativeName) -> String {
     );
     if let Some(table) = &native.table {
         match native.kind {
-            "advisory_lock" => {
+            "advisory_lock" | "get_lock" => {
                 lines.push((
                     "counter table",
                     format!("{table} (durable fencing token reservations)"),
                 ));
+                let kept = match native.kind {
+                    "advisory_lock" => "unlogged",
+                    _ => "in memory",
+                };
                 lines.push((
                     "holder table",
-                    format!("{table}_holders (holders and their tokens, unlogged)"),
+                    format!("{table}_holders (holders and their tokens, {kept})"),
                 ));
             }
-            "get_lock" => lines.push((
-                "counter table",
-                format!("{table} (fencing counters and holders)"),
-            )),
             _ => lines.push(("table", table.clone())),
         }
     }

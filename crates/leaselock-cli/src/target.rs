@@ -190,9 +190,9 @@ pub struct NativeName {
     pub database: Option<String>,
     /// PostgreSQL: the schema, when the URL sets one (otherwise the `search_path` decides).
     pub schema: Option<String>,
-    /// The table holding the key's row or item; for `advisory_lock`, the counter table of durable
-    /// fencing token reservations (the holders are in this name with `_holders` appended); for
-    /// `get_lock`, the table of fencing counters and holders, next to the lock itself.
+    /// The table holding the key's row or item; for `advisory_lock` and `get_lock`, the counter
+    /// table of durable fencing token reservations, next to the lock itself (the holders are in
+    /// this name with `_holders` appended).
     pub table: Option<String>,
     /// MongoDB: the collection.
     pub collection: Option<String>,

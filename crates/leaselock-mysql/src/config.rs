@@ -12,9 +12,9 @@ use crate::backend::{MysqlGetLockBackend, MysqlTableBackend};
 
 /// The default table of the [`Strategy::Table`] backend: `leaselock_locks`.
 pub const DEFAULT_TABLE: &str = "leaselock_locks";
-/// The default table of the [`Strategy::GetLock`] backend, which keeps fencing counters and
-/// holders there: `leaselock_get_locks`. (Different from [`DEFAULT_TABLE`], so the two strategies
-/// never share a table by accident.)
+/// The default table of the [`Strategy::GetLock`] backend, which keeps durable fencing token
+/// reservations there (and its holders in `leaselock_get_locks_holders`): `leaselock_get_locks`.
+/// (Different from [`DEFAULT_TABLE`], so the two strategies never share a table by accident.)
 pub const DEFAULT_GET_LOCK_TABLE: &str = "leaselock_get_locks";
 /// The default prefix of `GET_LOCK` names: `leaselock` (see [`crate::lock_name`]).
 pub const DEFAULT_PREFIX: &str = "leaselock";
@@ -228,7 +228,8 @@ impl MysqlConfig {
         self
     }
 
-    /// The table where locks (lease table) or fencing counters and holders (`GET_LOCK`) live.
+    /// The table where locks (lease table) or fencing token reservations (`GET_LOCK`, whose
+    /// holders are in this name with `_holders` appended) live.
     /// Default: [`DEFAULT_TABLE`] for the lease table, [`DEFAULT_GET_LOCK_TABLE`] for `GET_LOCK`.
     /// Validated with [`Namespace`] (field `table`) when a backend is built; always quoted with
     /// backticks.

@@ -62,12 +62,18 @@ async fn get_lock_backend(url: &str) -> (MysqlGetLockBackend, String) {
     (backend, ns)
 }
 
+/// Drops `table`, and the holder table named after it if there is one.
 async fn drop_table(url: &str, table: &str) {
+    let holders = leaselock::Namespace::new(format!("{table}_holders")).unwrap();
     let table = leaselock::Namespace::new(table).unwrap();
     let mut conn = raw_conn(url).await;
-    conn.query_drop(format!("DROP TABLE IF EXISTS {}", table.backquoted()))
-        .await
-        .unwrap();
+    conn.query_drop(format!(
+        "DROP TABLE IF EXISTS {}, {}",
+        table.backquoted(),
+        holders.backquoted()
+    ))
+    .await
+    .unwrap();
 }
 
 /// The connection id holding `name`, if any.
@@ -524,4 +530,176 @@ async fn tls_is_required_when_asked() {
         }
         Err(err) => assert!(!server_has_tls, "TLS failed against a TLS server: {err}"),
     }
+}
+
+/// The durable token reservation of `k` in the GET_LOCK backend's counter table `ns`.
+async fn reservation(conn: &mut Conn, ns: &str, k: &LockKey) -> Option<u64> {
+    conn.exec_first(
+        format!("SELECT token FROM `{ns}` WHERE lock_key = ?"),
+        (k.as_str(),),
+    )
+    .await
+    .unwrap()
+}
+
+/// Tokens come from the in-memory holder table, under a durable reservation in the counter table
+/// that only a token passing it raises (1,000 ahead, once per 1,000 acquisitions of a key). A
+/// server restart empties the holder table (what `DELETE` does here): the next token is above
+/// every one handed out before, because none passed the reservation.
+#[tokio::test]
+async fn get_lock_tokens_grow_across_a_restart_that_empties_the_holder_table() {
+    let Some(url) = url() else { return };
+    let (backend, ns) = get_lock_backend(&url).await;
+    let mut conn = raw_conn(&url).await;
+    let engine: Option<String> = conn
+        .exec_first(
+            "SELECT engine FROM information_schema.tables \
+             WHERE table_schema = DATABASE() AND table_name = ?",
+            (backend.holder_table(),),
+        )
+        .await
+        .unwrap();
+    assert_eq!(engine.as_deref(), Some("MEMORY"));
+    let k = key("restart");
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let lease = acquire(&backend, &k, "a").await;
+        tokens.push(lease.token.get());
+        assert!(backend.release(&lease).await.unwrap());
+    }
+    assert_eq!(tokens, [1, 2, 3]);
+    // Only the first acquisition reserved: 1 + 999.
+    assert_eq!(reservation(&mut conn, &ns, &k).await, Some(1000));
+
+    // A reservation a token reaches is raised by that acquisition, 999 past it.
+    conn.exec_drop(
+        format!("UPDATE `{ns}` SET token = 4 WHERE lock_key = ?"),
+        (k.as_str(),),
+    )
+    .await
+    .unwrap();
+    let lease = acquire(&backend, &k, "a").await;
+    assert_eq!(lease.token.get(), 4);
+    assert_eq!(reservation(&mut conn, &ns, &k).await, Some(4));
+    assert!(backend.release(&lease).await.unwrap());
+    let lease = acquire(&backend, &k, "a").await;
+    assert_eq!(lease.token.get(), 5);
+    assert_eq!(reservation(&mut conn, &ns, &k).await, Some(5 + 999));
+    assert!(backend.release(&lease).await.unwrap());
+
+    // The restart: the holder table is empty again, the reservation durable. The key was used
+    // before, so the acquisition waits out the takeover grace (a holder from before the restart
+    // may still be running), then holds a token above every earlier one.
+    conn.query_drop(format!("DELETE FROM `{}`", backend.holder_table()))
+        .await
+        .unwrap();
+    let lease = acquire(&backend, &k, "a").await;
+    assert_eq!(
+        lease.token.get(),
+        1005,
+        "above the reservation, so above every earlier token"
+    );
+    assert_eq!(reservation(&mut conn, &ns, &k).await, Some(1005 + 999));
+    match backend.status(&k).await.unwrap() {
+        LockState::Held(info) => assert_eq!(info.token, lease.token),
+        other => panic!("expected held, got {other:?}"),
+    }
+    assert!(backend.release(&lease).await.unwrap());
+    drop_table(&url, &ns).await;
+}
+
+/// A counter table made by an earlier version (holder columns in the counter table, its token the
+/// last one handed out) keeps working: its tokens are a reservation, so the next token is above.
+#[tokio::test]
+async fn get_lock_keeps_an_earlier_versions_counter_table() {
+    let Some(url) = url() else { return };
+    let ns = fresh_namespace();
+    let k = key("upgrade");
+    let mut conn = raw_conn(&url).await;
+    conn.query_drop(format!(
+        "CREATE TABLE `{ns}` (lock_key VARBINARY(255) NOT NULL, \
+           lock_name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
+           token BIGINT UNSIGNED NOT NULL, owner VARBINARY(255) NULL, \
+           connection_id BIGINT UNSIGNED NULL, acquired_at DATETIME(6) NULL, \
+           PRIMARY KEY (lock_key)) ENGINE=InnoDB"
+    ))
+    .await
+    .unwrap();
+    conn.exec_drop(
+        format!("INSERT INTO `{ns}` (lock_key, lock_name, token) VALUES (?, 'old', 41)"),
+        (k.as_str(),),
+    )
+    .await
+    .unwrap();
+    let config = MysqlConfig::from_url(&url).unwrap().table(&ns).prefix(&ns);
+    let backend = MysqlGetLockBackend::new(config).unwrap();
+    backend.init_storage().await.unwrap();
+    backend.check_storage().await.unwrap();
+    let lease = acquire(&backend, &k, "a").await;
+    assert_eq!(lease.token.get(), 42);
+    assert!(backend.release(&lease).await.unwrap());
+    drop_table(&url, &ns).await;
+}
+
+/// A full holder table (its size limit is the server's `max_heap_table_size` after a restart)
+/// drops the rows of released keys and goes on: nothing fails, tokens still grow.
+#[tokio::test]
+async fn get_lock_full_holder_table_drops_released_rows() {
+    let Some(url) = url() else { return };
+    let ns = fresh_namespace();
+    let config = MysqlConfig::from_url(&url).unwrap().table(&ns).prefix(&ns);
+    let backend = MysqlGetLockBackend::new(config).unwrap();
+    // The holder table, made small by hand before init_storage (which keeps what exists).
+    let mut conn = raw_conn(&url).await;
+    conn.query_drop("SET SESSION max_heap_table_size = 16384")
+        .await
+        .unwrap();
+    conn.query_drop(format!(
+        "CREATE TABLE `{}` (lock_key VARBINARY(255) NOT NULL, \
+           lock_name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
+           token BIGINT UNSIGNED NOT NULL, owner VARBINARY(255) NULL, \
+           connection_id BIGINT UNSIGNED NULL, acquired_at DATETIME(6) NULL, \
+           PRIMARY KEY (lock_key)) ENGINE=MEMORY",
+        backend.holder_table()
+    ))
+    .await
+    .unwrap();
+    backend.init_storage().await.unwrap();
+    let keys: Vec<LockKey> = (0..200).map(|i| key(&format!("full-{i}"))).collect();
+    for k in &keys {
+        let lease = acquire(&backend, k, "a").await;
+        assert_eq!(lease.token.get(), 1);
+        assert!(backend.release(&lease).await.unwrap());
+    }
+    let rows: Option<u64> = conn
+        .query_first(format!("SELECT COUNT(*) FROM `{}`", backend.holder_table()))
+        .await
+        .unwrap();
+    assert!(
+        rows.unwrap() < 200,
+        "the table should have filled and been emptied of released rows, holds {rows:?}"
+    );
+    // A key whose row was dropped continues above its reservation.
+    let lease = acquire(&backend, &keys[0], "a").await;
+    assert!(lease.token.get() > 1, "token {} after 1", lease.token);
+    assert!(backend.release(&lease).await.unwrap());
+    drop_table(&url, &ns).await;
+}
+
+/// The holder table's name is the counter table's with `_holders`: a counter table name that
+/// leaves no room for it is refused when the backend is built, naming the field.
+#[tokio::test]
+async fn get_lock_refuses_a_counter_table_name_too_long_for_its_holder_table() {
+    let config = MysqlConfig::from_url("mysql://127.0.0.1/app")
+        .unwrap()
+        .table("c".repeat(56));
+    let e = MysqlGetLockBackend::new(config).unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidInput { field: "table", .. }),
+        "{e}"
+    );
+    let config = MysqlConfig::from_url("mysql://127.0.0.1/app")
+        .unwrap()
+        .table("c".repeat(55));
+    assert!(MysqlGetLockBackend::new(config).is_ok());
 }

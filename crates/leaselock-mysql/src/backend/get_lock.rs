@@ -1,5 +1,5 @@
 //! Session locks with `GET_LOCK`, one dedicated connection per held lock, fencing tokens from a
-//! counter table.
+//! holder table in memory under a durable reservation in a counter table.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use leaselock::{
     AcquireOutcome, AcquireRequest, Capabilities, Error, ExpiryClock, FencingToken, Lease,
-    LockBackend, LockInfo, LockKey, LockKind, LockState, OwnerId, Result, Wakeup,
+    LockBackend, LockInfo, LockKey, LockKind, LockState, Namespace, OwnerId, Result, Wakeup,
 };
 use mysql_async::prelude::*;
 use mysql_async::Conn;
@@ -31,6 +31,18 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 const PROBE_RETRIES: usize = 3;
 
 const ER_NO_SUCH_THREAD: u16 = 1094;
+/// "The table is full": the in-memory holder table reached its size limit.
+const ER_RECORD_FILE_FULL: u16 = 1114;
+/// The holder table's name: the counter table's with this appended.
+const HOLDER_SUFFIX: &str = "_holders";
+/// How far ahead of the last token issued for a key the counter table reserves, durably. Every
+/// this many acquisitions of a key, one writes the counter table (and waits for the log flush);
+/// a server restart skips at most this many tokens.
+const TOKEN_BLOCK: u64 = 1000;
+/// The size limit the holder table is created with (the server's `max_heap_table_size` applies
+/// again after a restart); when full, released keys' rows are dropped, see
+/// [`Sql::evict`].
+const HOLDER_TABLE_BYTES: u64 = 256 << 20;
 const ER_UNSUPPORTED_PS: u16 = 1295;
 
 /// Session locks with `GET_LOCK(name, 0)`, the way sqlx and Flyway lock MySQL migrations.
@@ -49,11 +61,19 @@ const ER_UNSUPPORTED_PS: u16 = 1295;
 /// within 64 characters). `GET_LOCK` names are global to the server: give applications sharing a
 /// server different prefixes.
 ///
-/// A table (default [`DEFAULT_GET_LOCK_TABLE`](crate::DEFAULT_GET_LOCK_TABLE)) keeps per key the
-/// fencing counter and the holder (owner, connection id, acquisition time), so status, list and
-/// "held by" can name the holder. An acquisition is one statement:
+/// A *holder table* (the counter table's name with `_holders` appended, `ENGINE=MEMORY`) keeps
+/// per key the last fencing token and the holder (owner, connection id, acquisition time), so
+/// status, list and "held by" can name the holder. An acquisition is one statement:
 /// `INSERT ... SELECT ... WHERE GET_LOCK(name, 0) = 1 ON DUPLICATE KEY UPDATE token =
-/// LAST_INSERT_ID(token + 1), ...`, so the lock and the next token come in one round trip. The
+/// LAST_INSERT_ID(token + 1), ...`, so the lock and the next token come in one round trip; like
+/// the lock itself, it writes only server memory, so neither it nor the release waits for the
+/// disk. The *counter table* (default [`DEFAULT_GET_LOCK_TABLE`](crate::DEFAULT_GET_LOCK_TABLE),
+/// InnoDB) holds, durably, a token no holder of the key has reached: when a token would pass it,
+/// the acquisition raises it 1,000 ahead in a second statement before it returns (one in 1,000
+/// acquisitions of a key). A server restart empties the holder table, as it ends every lock;
+/// tokens then continue above the reservation, so they only grow, and a restart skips at most
+/// 1,000. (With binary logging on, as MySQL 8 has by default, the server logs the memory
+/// table's writes too, and `sync_binlog = 1` makes them wait for the disk after all.) The
 /// holder record counts only while `IS_USED_LOCK(name)` equals its connection id: the lock itself
 /// is the truth. Locks are not reentrant: a second acquisition by the same owner, even through the
 /// same instance, runs on another connection and is refused.
@@ -90,6 +110,8 @@ pub struct MysqlGetLockBackend {
 
 struct Inner {
     shared: Shared,
+    /// The holder table.
+    holders: Namespace,
     sql: Sql,
     /// Locks this instance holds (or held until they were lost), by key and token.
     held: Mutex<HashMap<(LockKey, u64), Arc<Held>>>,
@@ -148,14 +170,24 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Set in the LAST_INSERT_ID of an acquisition whose previous holder's record was never cleared
-/// (tokens stay far below it).
+/// Set in the LAST_INSERT_ID of an acquisition whose previous holder's record was never cleared,
+/// or that found no record although the key was used before (the server restarted, or the record
+/// was evicted): in both cases a previous holder may not know yet that its lock ended. Tokens
+/// stay far below it.
 const UNCLEAN_BIT: u64 = 1 << 62;
+/// Set in the LAST_INSERT_ID of an acquisition whose token passed the key's durable reservation.
+const RAISE_BIT: u64 = 1 << 61;
+/// The token bits of such a LAST_INSERT_ID.
+const TOKEN_MASK: u64 = RAISE_BIT - 1;
 
 struct Sql {
     create: String,
+    create_holders: String,
     check: String,
+    check_holders: String,
     acquire: String,
+    raise: String,
+    evict: String,
     probe: String,
     check_held: String,
     check_remote: String,
@@ -167,11 +199,26 @@ struct Sql {
 }
 
 impl Sql {
-    fn new(table: &str) -> Self {
+    /// The statements over the counter table `counter` and the holder table `table`, both
+    /// quoted.
+    fn new(counter: &str, table: &str) -> Self {
         let now = "UTC_TIMESTAMP(6)";
         let acquired = us_of("t.acquired_at");
+        let reserved =
+            format!("(SELECT COALESCE(MAX(c.token), 0) FROM {counter} AS c WHERE c.lock_key = ?)");
         Self {
+            // A counter table made by an earlier version has the holder columns too (nullable):
+            // they are no longer written, and its tokens are a valid reservation (no holder
+            // passed them).
             create: format!(
+                "CREATE TABLE IF NOT EXISTS {counter} (\
+                 lock_key VARBINARY(255) NOT NULL, \
+                 lock_name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
+                 token BIGINT UNSIGNED NOT NULL, \
+                 PRIMARY KEY (lock_key)\
+                 ) ENGINE=InnoDB"
+            ),
+            create_holders: format!(
                 "CREATE TABLE IF NOT EXISTS {table} (\
                  lock_key VARBINARY(255) NOT NULL, \
                  lock_name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
@@ -180,28 +227,50 @@ impl Sql {
                  connection_id BIGINT UNSIGNED NULL, \
                  acquired_at DATETIME(6) NULL, \
                  PRIMARY KEY (lock_key)\
-                 ) ENGINE=InnoDB"
+                 ) ENGINE=MEMORY"
             ),
             check: format!(
+                "UPDATE {counter} SET lock_key = lock_key, lock_name = lock_name, token = token \
+                 WHERE 1 = 0"
+            ),
+            check_holders: format!(
                 "UPDATE {table} SET lock_key = lock_key, lock_name = lock_name, token = token, \
                  owner = owner, connection_id = connection_id, acquired_at = acquired_at \
                  WHERE 1 = 0"
             ),
-            // GET_LOCK runs once (one row from DUAL); only when it returns 1 is the row inserted
-            // (token 1, affected rows 1) or updated (affected rows 2). The update reports the new
-            // token through LAST_INSERT_ID, with UNCLEAN_BIT set when the previous holder's
-            // record was never cleared (its session ended without a release). The assignments
-            // run left to right: `owner` is read before it is overwritten, then the token moves.
+            // GET_LOCK runs once (on the one row of the reservation's aggregate); only when it
+            // returns 1 is the row inserted (affected rows 1) or updated (affected rows 2). Both
+            // report the new token through LAST_INSERT_ID, with RAISE_BIT set when it passes
+            // the key's reservation, and UNCLEAN_BIT set when the previous holder's record was
+            // never cleared (its session ended without a release) or is missing although the key
+            // has a reservation (the server restarted). A new row's token starts above the
+            // reservation; an existing row's token is its own + 1 (the table is in memory, so
+            // that is always the latest). The assignments run left to right: `owner` is read
+            // before it is overwritten, then the token moves.
             acquire: format!(
                 "INSERT INTO {table} \
                  (lock_key, lock_name, token, owner, connection_id, acquired_at) \
-                 SELECT ?, ?, 1, ?, CONNECTION_ID(), {now} FROM DUAL WHERE GET_LOCK(?, 0) = 1 \
+                 SELECT ?, ?, LAST_INSERT_ID((r.reserved + 1) | {RAISE_BIT} | \
+                   IF(r.found, {UNCLEAN_BIT}, 0)) & {TOKEN_MASK}, ?, CONNECTION_ID(), {now} \
+                 FROM (SELECT COALESCE(MAX(c.token), 0) AS reserved, COUNT(*) > 0 AS found \
+                   FROM {counter} AS c WHERE c.lock_key = ?) AS r \
+                 WHERE GET_LOCK(?, 0) = 1 \
                  ON DUPLICATE KEY UPDATE \
                  lock_name = IF(LAST_INSERT_ID((token + 1) | \
-                 IF(owner IS NULL, 0, {UNCLEAN_BIT})) = 0, lock_name, ?), \
+                 IF(owner IS NULL, 0, {UNCLEAN_BIT}) | \
+                 IF(token + 1 > {reserved}, {RAISE_BIT}, 0)) = 0, lock_name, ?), \
                  token = token + 1, owner = ?, connection_id = CONNECTION_ID(), \
                  acquired_at = {now}"
             ),
+            // Only ever raised: GREATEST keeps a higher reservation a stale read missed.
+            raise: format!(
+                "INSERT INTO {counter} (lock_key, lock_name, token) VALUES (?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE token = GREATEST(token, VALUES(token)), \
+                 lock_name = VALUES(lock_name)"
+            ),
+            // The rows of released keys, when the holder table is full: their tokens are below
+            // the reservation, so the keys continue above it.
+            evict: format!("DELETE FROM {table} WHERE owner IS NULL"),
             probe: format!(
                 "SELECT IS_USED_LOCK(?), t.owner, t.token, {acquired}, t.connection_id \
                  FROM (SELECT 1 AS one) AS one LEFT JOIN {table} AS t ON t.lock_key = ?"
@@ -272,14 +341,30 @@ impl Probe {
 }
 
 impl MysqlGetLockBackend {
-    /// A backend over `config`'s server, table and prefix (its strategy is ignored). Validates
-    /// the configuration; connects lazily, on first use. Call within a Tokio runtime.
+    /// A backend over `config`'s server, counter table and prefix (its strategy is ignored), and
+    /// the holder table named after the counter table. Validates the configuration (a counter
+    /// table name leaves room for the `_holders` of the holder table's: 55 bytes at most);
+    /// connects lazily, on first use. Call within a Tokio runtime.
     pub fn new(config: MysqlConfig) -> Result<Self> {
         let checked = config.check_for(Strategy::GetLock)?;
-        let sql = Sql::new(&checked.table.backquoted());
+        let base = checked.table.as_str();
+        let holders =
+            Namespace::for_field("table", format!("{base}{HOLDER_SUFFIX}")).map_err(|_| {
+                Error::invalid(
+                    "table",
+                    format!(
+                    "is {} bytes long; with the `{HOLDER_SUFFIX}` of its holder table the limit \
+                     is {}",
+                    base.len(),
+                    Namespace::MAX_LEN - HOLDER_SUFFIX.len()
+                ),
+                )
+            })?;
+        let sql = Sql::new(&checked.table.backquoted(), &holders.backquoted());
         Ok(Self {
             inner: Arc::new(Inner {
                 shared: Shared::new(NAME, checked),
+                holders,
                 sql,
                 held: Mutex::default(),
             }),
@@ -299,6 +384,20 @@ impl MysqlGetLockBackend {
     /// ```
     pub fn lock_name(&self, key: &LockKey) -> String {
         lock_name(self.shared().checked.prefix.as_str(), key.as_str())
+    }
+
+    /// The holder table's name: the counter table's with `_holders` appended.
+    ///
+    /// ```
+    /// use leaselock_mysql::{MysqlConfig, MysqlGetLockBackend};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> leaselock::Result<()> {
+    /// let config = MysqlConfig::from_url("mysql://127.0.0.1/app?table=locks")?;
+    /// let backend = MysqlGetLockBackend::new(config)?;
+    /// assert_eq!(backend.holder_table(), "locks_holders");
+    /// # Ok(()) }
+    /// ```
+    pub fn holder_table(&self) -> &str {
+        self.inner.holders.as_str()
     }
 
     fn shared(&self) -> &Shared {
@@ -551,6 +650,7 @@ impl fmt::Debug for MysqlGetLockBackend {
         f.debug_struct("MysqlGetLockBackend")
             .field("server", &self.shared().ctx.server)
             .field("table", &self.shared().checked.table)
+            .field("holder_table", &self.inner.holders)
             .field("prefix", &self.shared().checked.prefix)
             .field("held", &self.held().len())
             .finish_non_exhaustive()
@@ -568,10 +668,22 @@ impl LockBackend for MysqlGetLockBackend {
 
     async fn init_storage(&self) -> Result<()> {
         let mut conn = self.shared().conn().await?;
-        conn.query_drop(&self.inner.sql.create)
-            .await
-            .map_err(|e| self.shared().err(e))?;
-        tracing::debug!(table = %self.shared().checked.table, "GET_LOCK counter table ready");
+        let sql = &self.inner.sql;
+        // A MEMORY table's size limit is the session's max_heap_table_size when it is created.
+        let created = async {
+            conn.query_drop(&sql.create).await?;
+            conn.query_drop(format!(
+                "SET SESSION max_heap_table_size = {HOLDER_TABLE_BYTES}"
+            ))
+            .await?;
+            let holders = conn.query_drop(&sql.create_holders).await;
+            conn.query_drop("SET SESSION max_heap_table_size = DEFAULT")
+                .await?;
+            holders
+        }
+        .await;
+        created.map_err(|e| self.shared().err(e))?;
+        tracing::debug!(table = %self.shared().checked.table, holders = %self.inner.holders, "GET_LOCK counter and holder tables ready");
         Ok(())
     }
 
@@ -583,6 +695,9 @@ impl LockBackend for MysqlGetLockBackend {
             .await
             .map_err(|e| shared.check_error(e))?;
         conn.query_drop(&self.inner.sql.check)
+            .await
+            .map_err(|e| shared.check_error(e))?;
+        conn.query_drop(&self.inner.sql.check_holders)
             .await
             .map_err(|e| shared.check_error(e))
     }
@@ -603,19 +718,29 @@ impl LockBackend for MysqlGetLockBackend {
             key.as_str(),
             name.as_str(),
             owner,
+            key.as_str(),
             name.as_str(),
+            key.as_str(),
             name.as_str(),
             owner,
         );
-        if let Err(e) = conn.exec_drop(&self.inner.sql.acquire, params).await {
+        let mut evicted = false;
+        while let Err(e) = conn.exec_drop(&self.inner.sql.acquire, params).await {
             // The statement may have taken the lock before failing: end the connection rather
             // than return it to the pool holding a lock.
             let _ = conn.disconnect().await;
-            return Err(shared.err(e));
+            if evicted || server_code(&e) != Some(ER_RECORD_FILE_FULL) {
+                return Err(shared.err(e));
+            }
+            let mut other = shared.conn().await?;
+            let dropped = shared.run(&mut other, &self.inner.sql.evict, ()).await?;
+            tracing::info!(dropped, holders = %self.inner.holders, "GET_LOCK holder table full; dropped the rows of released keys");
+            evicted = true;
+            conn = other;
+            conn.reset_connection(true);
         }
-        let (token, unclean) = match (conn.affected_rows(), conn.last_insert_id()) {
-            (1, None) => (1, false),
-            (2, Some(id)) => (id & !UNCLEAN_BIT, id & UNCLEAN_BIT != 0),
+        let (token, unclean, raise) = match (conn.affected_rows(), conn.last_insert_id()) {
+            (1 | 2, Some(id)) => (id & TOKEN_MASK, id & UNCLEAN_BIT != 0, id & RAISE_BIT != 0),
             (0, _) => {
                 // GET_LOCK returned 0: the connection holds nothing and can go back as it is.
                 conn.reset_connection(false);
@@ -633,6 +758,21 @@ impl LockBackend for MysqlGetLockBackend {
                 )));
             }
         };
+        if raise {
+            // The token passed the durable reservation: raise it before anyone sees the token.
+            // Failing, the connection ends (which frees the lock) and the token was never used.
+            let reservation = token + TOKEN_BLOCK - 1;
+            let raised = conn
+                .exec_drop(
+                    &self.inner.sql.raise,
+                    (key.as_str(), name.as_str(), reservation),
+                )
+                .await;
+            if let Err(e) = raised {
+                let _ = conn.disconnect().await;
+                return Err(shared.err(e));
+            }
+        }
         // Whatever happens to this connection now, it must not go back to the pool holding the
         // lock: it stays marked for a reset (which frees user locks) until a clean release.
         let (lost, _) = watch::channel(None);
