@@ -13,7 +13,7 @@ use leaselock::{
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use crate::config::SqliteConfig;
-use crate::error::{convert, join, not_initialized, NAME};
+use crate::error::{convert, is_busy, join, not_initialized, NAME};
 
 /// The database clock in milliseconds since the Unix epoch. SQLite evaluates `'now'` once per
 /// statement, so every use in one statement sees the same instant.
@@ -199,9 +199,7 @@ impl SqliteBackend {
                 source: Some(Box::new(e)),
             })?;
             conn.busy_timeout(busy_timeout).map_err(convert)?;
-            let mode: String = conn
-                .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-                .map_err(convert)?;
+            let mode = wal_mode(&conn, busy_timeout)?;
             if !mode.eq_ignore_ascii_case("wal") {
                 tracing::warn!(path = %open_path.display(), mode, "SQLite could not switch to WAL; locking still works, with more contention");
             }
@@ -250,7 +248,10 @@ impl SqliteBackend {
                 .busy_handler(Some(give_up_when_busy))
                 .map_err(convert)
                 .and_then(|()| f(&mut conn, &self.inner.sql));
-            let met_busy = BUSY.with(|busy| busy.replace(false));
+            // Busy without the handler being called is possible too: SQLite refuses a wait that
+            // could deadlock.
+            let met_busy =
+                BUSY.with(|busy| busy.replace(false)) || outcome.as_ref().is_err_and(is_busy);
             conn.busy_timeout(self.inner.busy_timeout)
                 .map_err(convert)?;
             if !met_busy {
@@ -285,6 +286,25 @@ impl SqliteBackend {
         })
         .await
         .map_err(join)?
+    }
+}
+
+/// Switches the database to WAL (a no-op when it is already), returning the journal mode it is
+/// in. Processes that open a new database file at once can each find the switch busy without
+/// their busy handler being called (SQLite refuses a wait that could deadlock two connections
+/// both upgrading their lock): tried again until the busy timeout.
+fn wal_mode(conn: &Connection, busy_timeout: Duration) -> Result<String> {
+    let started = std::time::Instant::now();
+    loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && started.elapsed() < busy_timeout =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            outcome => return outcome.map_err(convert),
+        }
     }
 }
 

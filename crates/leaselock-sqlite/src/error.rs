@@ -5,6 +5,20 @@ use rusqlite::ErrorCode;
 
 pub(crate) const NAME: &str = "sqlite";
 
+/// Whether `error` is SQLite's "database is busy" or "locked": nothing was written, and waiting
+/// may help.
+pub(crate) fn is_busy(error: &Error) -> bool {
+    match error {
+        Error::Backend { source, .. } => source
+            .downcast_ref::<rusqlite::Error>()
+            .and_then(rusqlite::Error::sqlite_error_code)
+            .is_some_and(|code| {
+                matches!(code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+            }),
+        _ => false,
+    }
+}
+
 /// Classifies a driver error: busy/locked is retryable, a missing table means storage is not
 /// initialized, open/permission failures mean storage is not accessible.
 pub(crate) fn convert(error: rusqlite::Error) -> Error {
@@ -51,4 +65,21 @@ pub(crate) fn not_initialized(what: &str) -> Error {
 /// A blocking task that could not finish (the runtime is shutting down).
 pub(crate) fn join(error: tokio::task::JoinError) -> Error {
     Error::transient(NAME, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(code: std::os::raw::c_int) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None)
+    }
+
+    #[test]
+    fn busy_and_locked_are_busy_nothing_else_is() {
+        assert!(is_busy(&convert(failure(rusqlite::ffi::SQLITE_BUSY))));
+        assert!(is_busy(&convert(failure(rusqlite::ffi::SQLITE_LOCKED))));
+        assert!(!is_busy(&convert(failure(rusqlite::ffi::SQLITE_CONSTRAINT))));
+        assert!(!is_busy(&Error::transient(NAME, "busy, but not SQLite's")));
+    }
 }
