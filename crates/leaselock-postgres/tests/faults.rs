@@ -1,6 +1,7 @@
 //! The shared fault suite against a real PostgreSQL server, for both backends: holder processes
 //! killed and paused, a holder partitioned by a proxy, a separate server restarted under held
-//! locks, skewed client clocks, and the soak across eight processes.
+//! locks, skewed client clocks, and the soak across eight processes; and for the advisory
+//! backend, fencing tokens across a real server crash.
 //!
 //! Needs `LEASELOCK_POSTGRES_URL` (`cargo xtask test` sets it); skips loudly without it and fails
 //! under `CI=true`. The restart case starts a server of its own (`initdb` in a temporary
@@ -102,4 +103,90 @@ mod table {
     }
 
     leaselock_conformance::fault_tests!(setup);
+}
+
+/// A real server crash: one server process killed with SIGKILL makes PostgreSQL end every
+/// session and run crash recovery, which empties unlogged tables. The advisory backend's holder
+/// table is one; the next token still comes out above every token handed out before, from the
+/// durable reservation. On a server of the test's own, never the shared one.
+#[tokio::test]
+async fn advisory_tokens_grow_across_a_server_crash() {
+    use leaselock::{AcquireOutcome, AcquireRequest, LockKey, OwnerId};
+    use leaselock_postgres::PgAdvisoryBackend;
+
+    if leaselock_conformance::server_url(URL_VAR).is_none() {
+        return;
+    }
+    let Some(server) = servers::postgres().await else {
+        return;
+    };
+    let url = with_param(server.url(), "table", "ll_crash_advisory");
+    let backend = || PgAdvisoryBackend::new(PgConfig::from_url(&url).unwrap()).unwrap();
+    let key = LockKey::new("crash/tokens").unwrap();
+    let request = AcquireRequest::without_expiry(key.clone(), OwnerId::new("crash-test").unwrap());
+    let acquire = |backend: PgAdvisoryBackend| {
+        let request = request.clone();
+        async move {
+            match backend.try_acquire(&request).await.expect("try_acquire") {
+                AcquireOutcome::Acquired(lease) => {
+                    assert!(backend.release(&lease).await.expect("release"));
+                    lease.token.get()
+                }
+                AcquireOutcome::Held(holder) => panic!("free key held by {holder:?}"),
+            }
+        }
+    };
+
+    let before = backend();
+    before.init_storage().await.expect("init");
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        tokens.push(acquire(before.clone()).await);
+    }
+    assert_eq!(tokens, [1, 2, 3]);
+    let (client, connection) = tokio_postgres::connect(server.url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success(), "kill -KILL {pid}");
+    drop(before);
+
+    // Crash recovery takes the server a moment: connect until it answers again.
+    let after = backend();
+    let started = std::time::Instant::now();
+    while let Err(e) = after.check_storage().await {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the server did not come back from the crash: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (client, connection) = tokio_postgres::connect(server.url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect after the crash");
+    tokio::spawn(connection);
+    let rows: i64 = client
+        .query_one(
+            &format!("SELECT count(*) FROM {}", after.holder_table()),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "crash recovery empties the unlogged holder table");
+    let next = acquire(after.clone()).await;
+    assert_eq!(
+        next, 1001,
+        "above the reservation (1 + 999), so above 1, 2 and 3"
+    );
+    drop(server);
 }

@@ -79,7 +79,9 @@ mod tests {
     fn busy_and_locked_are_busy_nothing_else_is() {
         assert!(is_busy(&convert(failure(rusqlite::ffi::SQLITE_BUSY))));
         assert!(is_busy(&convert(failure(rusqlite::ffi::SQLITE_LOCKED))));
-        assert!(!is_busy(&convert(failure(rusqlite::ffi::SQLITE_CONSTRAINT))));
+        assert!(!is_busy(&convert(failure(
+            rusqlite::ffi::SQLITE_CONSTRAINT
+        ))));
         assert!(!is_busy(&Error::transient(NAME, "busy, but not SQLite's")));
     }
 }
