@@ -392,18 +392,10 @@ impl PgConfig {
     /// `default_table`) with `suffix` appended, in the same schema: a companion table. Errors
     /// (field `table`) when the name grows past the identifier limit.
     pub(crate) fn qualified_companion(&self, default_table: &str, suffix: &str) -> Result<String> {
-        let base = self.table.as_ref().map_or(default_table, Namespace::as_str);
-        let table = Namespace::for_field("table", format!("{base}{suffix}")).map_err(|_| {
-            Error::invalid(
-                "table",
-                format!(
-                    "is {} bytes long; with the `{suffix}` of its companion table the limit \
-                     is {}",
-                    base.len(),
-                    Namespace::MAX_LEN - suffix.len()
-                ),
-            )
-        })?;
+        let table = match &self.table {
+            Some(table) => table.with_suffix("table", suffix)?,
+            None => Namespace::for_field("table", default_table)?.with_suffix("table", suffix)?,
+        };
         Ok(match &self.schema {
             Some(schema) => format!("{}.{}", schema.quoted(), table.quoted()),
             None => table.quoted(),

@@ -225,6 +225,31 @@ impl Namespace {
         &self.0
     }
 
+    /// The name of a companion object: this identifier with `suffix` appended (such as a
+    /// backend's second table named after its first). Errors with [`Error::InvalidInput`] naming
+    /// `field` when the result is not a valid identifier, saying how long this one may be.
+    ///
+    /// ```
+    /// use leaselock::Namespace;
+    /// let table = Namespace::for_field("table", "locks")?;
+    /// assert_eq!(table.with_suffix("table", "_holders")?.as_str(), "locks_holders");
+    /// let long = Namespace::for_field("table", "t".repeat(60))?;
+    /// assert!(long.with_suffix("table", "_holders").is_err());
+    /// # Ok::<(), leaselock::Error>(())
+    /// ```
+    pub fn with_suffix(&self, field: &'static str, suffix: &str) -> Result<Self> {
+        Self::for_field(field, format!("{}{suffix}", self.0)).map_err(|_| {
+            Error::invalid(
+                field,
+                format!(
+                    "is {} bytes long; with the `{suffix}` of its companion the limit is {}",
+                    self.0.len(),
+                    Self::MAX_LEN.saturating_sub(suffix.len())
+                ),
+            )
+        })
+    }
+
     /// The identifier quoted for SQL with double quotes (PostgreSQL, SQLite, ANSI).
     pub fn quoted(&self) -> String {
         // Validation already rules out quotes; doubling keeps this safe on its own.

@@ -347,19 +347,7 @@ impl MysqlGetLockBackend {
     /// connects lazily, on first use. Call within a Tokio runtime.
     pub fn new(config: MysqlConfig) -> Result<Self> {
         let checked = config.check_for(Strategy::GetLock)?;
-        let base = checked.table.as_str();
-        let holders =
-            Namespace::for_field("table", format!("{base}{HOLDER_SUFFIX}")).map_err(|_| {
-                Error::invalid(
-                    "table",
-                    format!(
-                    "is {} bytes long; with the `{HOLDER_SUFFIX}` of its holder table the limit \
-                     is {}",
-                    base.len(),
-                    Namespace::MAX_LEN - HOLDER_SUFFIX.len()
-                ),
-                )
-            })?;
+        let holders = checked.table.with_suffix("table", HOLDER_SUFFIX)?;
         let sql = Sql::new(&checked.table.backquoted(), &holders.backquoted());
         Ok(Self {
             inner: Arc::new(Inner {
