@@ -703,3 +703,46 @@ async fn get_lock_refuses_a_counter_table_name_too_long_for_its_holder_table() {
         .table("c".repeat(55));
     assert!(MysqlGetLockBackend::new(config).is_ok());
 }
+
+/// A server that refuses the MEMORY engine (MySQL group replication lists it in
+/// `disabled_storage_engines`) takes a holder table created by hand as InnoDB: init_storage keeps
+/// it, and locking works the same, at the price of a log flush per lock.
+#[tokio::test]
+async fn get_lock_works_with_an_innodb_holder_table_made_by_hand() {
+    let Some(url) = url() else { return };
+    let ns = fresh_namespace();
+    let config = MysqlConfig::from_url(&url).unwrap().table(&ns).prefix(&ns);
+    let backend = MysqlGetLockBackend::new(config).unwrap();
+    let mut conn = raw_conn(&url).await;
+    conn.query_drop(format!(
+        "CREATE TABLE `{}` (lock_key VARBINARY(255) NOT NULL, \
+           lock_name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
+           token BIGINT UNSIGNED NOT NULL, owner VARBINARY(255) NULL, \
+           connection_id BIGINT UNSIGNED NULL, acquired_at DATETIME(6) NULL, \
+           PRIMARY KEY (lock_key)) ENGINE=InnoDB",
+        backend.holder_table()
+    ))
+    .await
+    .unwrap();
+    backend.init_storage().await.unwrap();
+    backend.check_storage().await.unwrap();
+    let engine: Option<String> = conn
+        .exec_first(
+            "SELECT engine FROM information_schema.tables \
+             WHERE table_schema = DATABASE() AND table_name = ?",
+            (backend.holder_table(),),
+        )
+        .await
+        .unwrap();
+    assert_eq!(engine.as_deref(), Some("InnoDB"));
+    let k = key("innodb-holders");
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let lease = acquire(&backend, &k, "a").await;
+        tokens.push(lease.token.get());
+        assert!(backend.release(&lease).await.unwrap());
+    }
+    assert_eq!(tokens, [1, 2, 3]);
+    assert_eq!(reservation(&mut conn, &ns, &k).await, Some(1000));
+    drop_table(&url, &ns).await;
+}

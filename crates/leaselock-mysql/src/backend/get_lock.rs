@@ -73,7 +73,11 @@ const ER_UNSUPPORTED_PS: u16 = 1295;
 /// acquisitions of a key). A server restart empties the holder table, as it ends every lock;
 /// tokens then continue above the reservation, so they only grow, and a restart skips at most
 /// 1,000. (With binary logging on, as MySQL 8 has by default, the server logs the memory
-/// table's writes too, and `sync_binlog = 1` makes them wait for the disk after all.) The
+/// table's writes too, and `sync_binlog = 1` makes them wait for the disk after all. A server
+/// that refuses the MEMORY engine, as MySQL group replication's `disabled_storage_engines`
+/// may, fails [`LockBackend::init_storage`]: create the holder table yourself with the same
+/// columns and `ENGINE=InnoDB`, which `init_storage` keeps and which works the same, with a log
+/// flush per lock.) The
 /// holder record counts only while `IS_USED_LOCK(name)` equals its connection id: the lock itself
 /// is the truth. Locks are not reentrant: a second acquisition by the same owner, even through the
 /// same instance, runs on another connection and is refused.
