@@ -208,8 +208,6 @@ impl Sql {
     fn new(counter: &str, table: &str) -> Self {
         let now = "UTC_TIMESTAMP(6)";
         let acquired = us_of("t.acquired_at");
-        let reserved =
-            format!("(SELECT COALESCE(MAX(c.token), 0) FROM {counter} AS c WHERE c.lock_key = ?)");
         Self {
             // A counter table made by an earlier version has the holder columns too (nullable):
             // they are no longer written, and its tokens are a valid reservation (no holder
@@ -247,9 +245,10 @@ impl Sql {
             // report the new token through LAST_INSERT_ID, with RAISE_BIT set when it passes
             // the key's reservation, and UNCLEAN_BIT set when the previous holder's record was
             // never cleared (its session ended without a release) or is missing although the key
-            // has a reservation (the server restarted). A new row's token starts above the
-            // reservation; an existing row's token is its own + 1 (the table is in memory, so
-            // that is always the latest). The assignments run left to right: `owner` is read
+            // has a reservation (the server restarted). The reservation is read once, in `r`,
+            // which the update clause sees too. A new row's token starts above the reservation;
+            // an existing row's token is its own + 1 (the table is in memory, so that is always
+            // the latest). The assignments run left to right: `owner` is read
             // before it is overwritten, then the token moves.
             acquire: format!(
                 "INSERT INTO {table} \
@@ -262,7 +261,7 @@ impl Sql {
                  ON DUPLICATE KEY UPDATE \
                  lock_name = IF(LAST_INSERT_ID((token + 1) | \
                  IF(owner IS NULL, 0, {UNCLEAN_BIT}) | \
-                 IF(token + 1 > {reserved}, {RAISE_BIT}, 0)) = 0, lock_name, ?), \
+                 IF(token + 1 > r.reserved, {RAISE_BIT}, 0)) = 0, lock_name, ?), \
                  token = token + 1, owner = ?, connection_id = CONNECTION_ID(), \
                  acquired_at = {now}"
             ),
@@ -712,7 +711,6 @@ impl LockBackend for MysqlGetLockBackend {
             owner,
             key.as_str(),
             name.as_str(),
-            key.as_str(),
             name.as_str(),
             owner,
         );
