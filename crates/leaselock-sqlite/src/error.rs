@@ -11,22 +11,26 @@ pub(crate) fn is_busy(error: &Error) -> bool {
     match error {
         Error::Backend { source, .. } => source
             .downcast_ref::<rusqlite::Error>()
-            .and_then(rusqlite::Error::sqlite_error_code)
-            .is_some_and(|code| {
-                matches!(code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
-            }),
+            .is_some_and(is_busy_driver_error),
         _ => false,
     }
+}
+
+/// [`is_busy`] for the driver's own error.
+fn is_busy_driver_error(error: &rusqlite::Error) -> bool {
+    error
+        .sqlite_error_code()
+        .is_some_and(|code| matches!(code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
 }
 
 /// Classifies a driver error: busy/locked is retryable, a missing table means storage is not
 /// initialized, open/permission failures mean storage is not accessible.
 pub(crate) fn convert(error: rusqlite::Error) -> Error {
+    if is_busy_driver_error(&error) {
+        return Error::transient(NAME, error);
+    }
     if let rusqlite::Error::SqliteFailure(failure, message) = &error {
         match failure.code {
-            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
-                return Error::transient(NAME, error)
-            }
             ErrorCode::CannotOpen
             | ErrorCode::PermissionDenied
             | ErrorCode::ReadOnly
