@@ -392,27 +392,28 @@ impl PgConfig {
     /// `default_table`) with `suffix` appended, in the same schema: a companion table. Errors
     /// (field `table`) when the name grows past the identifier limit.
     pub(crate) fn qualified_companion(&self, default_table: &str, suffix: &str) -> Result<String> {
-        let table = match &self.table {
-            Some(table) => table.with_suffix("table", suffix)?,
-            None => Namespace::for_field("table", default_table)?.with_suffix("table", suffix)?,
-        };
-        Ok(match &self.schema {
-            Some(schema) => format!("{}.{}", schema.quoted(), table.quoted()),
-            None => table.quoted(),
-        })
+        let table = self.table_or(default_table).with_suffix("table", suffix)?;
+        Ok(self.in_schema(&table))
     }
 
     /// The schema-qualified, quoted table name for statements.
     pub(crate) fn qualified(&self, default_table: &str) -> String {
-        let table = match &self.table {
-            Some(table) => table.quoted(),
-            None => Namespace::for_field("table", default_table)
-                .expect("a valid default")
-                .quoted(),
-        };
+        self.in_schema(&self.table_or(default_table))
+    }
+
+    /// The configured table, or `default_table`.
+    fn table_or(&self, default_table: &str) -> Namespace {
+        match &self.table {
+            Some(table) => table.clone(),
+            None => Namespace::for_field("table", default_table).expect("a valid default"),
+        }
+    }
+
+    /// `table`, quoted, in the configured schema if there is one.
+    fn in_schema(&self, table: &Namespace) -> String {
         match &self.schema {
-            Some(schema) => format!("{}.{table}", schema.quoted()),
-            None => table,
+            Some(schema) => format!("{}.{}", schema.quoted(), table.quoted()),
+            None => table.quoted(),
         }
     }
 }
