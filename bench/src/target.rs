@@ -289,9 +289,14 @@ impl Target {
                 use mysql_async::prelude::Queryable;
                 let opts = mysql_async::Opts::from_url(&self.driver_url(None)?)?;
                 let mut conn = mysql_async::Conn::new(opts).await?;
-                let table = self.storage_name();
-                // The GET_LOCK backend's holder table is named after its counter table.
-                conn.query_drop(format!("DROP TABLE IF EXISTS `{table}`, `{table}_holders`"))
+                let mut tables = format!("`{}`", self.storage_name());
+                if self.id == BackendId::MysqlGetLock {
+                    // The holder table, named after the counter table.
+                    let config = leaselock_mysql::MysqlConfig::from_url(&self.backend_url(None)?)?;
+                    let holders = leaselock_mysql::MysqlGetLockBackend::new(config)?;
+                    tables = format!("{tables}, `{}`", holders.holder_table());
+                }
+                conn.query_drop(format!("DROP TABLE IF EXISTS {tables}"))
                     .await?;
                 let _ = conn.disconnect().await;
             }
