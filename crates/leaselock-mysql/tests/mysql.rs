@@ -542,6 +542,42 @@ async fn reservation(conn: &mut Conn, ns: &str, k: &LockKey) -> Option<u64> {
     .unwrap()
 }
 
+/// The storage engine of `table` in the current database.
+async fn engine_of(conn: &mut Conn, table: &str) -> Option<String> {
+    conn.exec_first(
+        "SELECT engine FROM information_schema.tables \
+         WHERE table_schema = DATABASE() AND table_name = ?",
+        (table,),
+    )
+    .await
+    .unwrap()
+}
+
+/// Creates `table` by hand with the columns of a holder table (also those of an earlier
+/// version's counter table) and `engine`.
+async fn create_holder_layout(conn: &mut Conn, table: &str, engine: &str) {
+    conn.query_drop(format!(
+        "CREATE TABLE `{table}` (lock_key VARBINARY(255) NOT NULL, \
+           lock_name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
+           token BIGINT UNSIGNED NOT NULL, owner VARBINARY(255) NULL, \
+           connection_id BIGINT UNSIGNED NULL, acquired_at DATETIME(6) NULL, \
+           PRIMARY KEY (lock_key)) ENGINE={engine}"
+    ))
+    .await
+    .unwrap();
+}
+
+/// The tokens of `n` acquisitions of `k`, each released at once.
+async fn cycle_tokens(backend: &dyn LockBackend, k: &LockKey, n: usize) -> Vec<u64> {
+    let mut tokens = Vec::new();
+    for _ in 0..n {
+        let lease = acquire(backend, k, "a").await;
+        tokens.push(lease.token.get());
+        assert!(backend.release(&lease).await.unwrap());
+    }
+    tokens
+}
+
 /// Tokens come from the in-memory holder table, under a durable reservation in the counter table
 /// that only a token passing it raises (1,000 ahead, once per 1,000 acquisitions of a key). A
 /// server restart empties the holder table (what `DELETE` does here): the next token is above
@@ -551,23 +587,10 @@ async fn get_lock_tokens_grow_across_a_restart_that_empties_the_holder_table() {
     let Some(url) = url() else { return };
     let (backend, ns) = get_lock_backend(&url).await;
     let mut conn = raw_conn(&url).await;
-    let engine: Option<String> = conn
-        .exec_first(
-            "SELECT engine FROM information_schema.tables \
-             WHERE table_schema = DATABASE() AND table_name = ?",
-            (backend.holder_table(),),
-        )
-        .await
-        .unwrap();
+    let engine = engine_of(&mut conn, backend.holder_table()).await;
     assert_eq!(engine.as_deref(), Some("MEMORY"));
     let k = key("restart");
-    let mut tokens = Vec::new();
-    for _ in 0..3 {
-        let lease = acquire(&backend, &k, "a").await;
-        tokens.push(lease.token.get());
-        assert!(backend.release(&lease).await.unwrap());
-    }
-    assert_eq!(tokens, [1, 2, 3]);
+    assert_eq!(cycle_tokens(&backend, &k, 3).await, [1, 2, 3]);
     // Only the first acquisition reserved: 1 + 999.
     assert_eq!(reservation(&mut conn, &ns, &k).await, Some(1000));
 
@@ -616,15 +639,7 @@ async fn get_lock_keeps_an_earlier_versions_counter_table() {
     let ns = fresh_namespace();
     let k = key("upgrade");
     let mut conn = raw_conn(&url).await;
-    conn.query_drop(format!(
-        "CREATE TABLE `{ns}` (lock_key VARBINARY(255) NOT NULL, \
-           lock_name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
-           token BIGINT UNSIGNED NOT NULL, owner VARBINARY(255) NULL, \
-           connection_id BIGINT UNSIGNED NULL, acquired_at DATETIME(6) NULL, \
-           PRIMARY KEY (lock_key)) ENGINE=InnoDB"
-    ))
-    .await
-    .unwrap();
+    create_holder_layout(&mut conn, &ns, "InnoDB").await;
     conn.exec_drop(
         format!("INSERT INTO `{ns}` (lock_key, lock_name, token) VALUES (?, 'old', 41)"),
         (k.as_str(),),
@@ -654,16 +669,7 @@ async fn get_lock_full_holder_table_drops_released_rows() {
     conn.query_drop("SET SESSION max_heap_table_size = 16384")
         .await
         .unwrap();
-    conn.query_drop(format!(
-        "CREATE TABLE `{}` (lock_key VARBINARY(255) NOT NULL, \
-           lock_name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
-           token BIGINT UNSIGNED NOT NULL, owner VARBINARY(255) NULL, \
-           connection_id BIGINT UNSIGNED NULL, acquired_at DATETIME(6) NULL, \
-           PRIMARY KEY (lock_key)) ENGINE=MEMORY",
-        backend.holder_table()
-    ))
-    .await
-    .unwrap();
+    create_holder_layout(&mut conn, backend.holder_table(), "MEMORY").await;
     backend.init_storage().await.unwrap();
     let keys: Vec<LockKey> = (0..200).map(|i| key(&format!("full-{i}"))).collect();
     for k in &keys {
@@ -714,35 +720,13 @@ async fn get_lock_works_with_an_innodb_holder_table_made_by_hand() {
     let config = MysqlConfig::from_url(&url).unwrap().table(&ns).prefix(&ns);
     let backend = MysqlGetLockBackend::new(config).unwrap();
     let mut conn = raw_conn(&url).await;
-    conn.query_drop(format!(
-        "CREATE TABLE `{}` (lock_key VARBINARY(255) NOT NULL, \
-           lock_name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL, \
-           token BIGINT UNSIGNED NOT NULL, owner VARBINARY(255) NULL, \
-           connection_id BIGINT UNSIGNED NULL, acquired_at DATETIME(6) NULL, \
-           PRIMARY KEY (lock_key)) ENGINE=InnoDB",
-        backend.holder_table()
-    ))
-    .await
-    .unwrap();
+    create_holder_layout(&mut conn, backend.holder_table(), "InnoDB").await;
     backend.init_storage().await.unwrap();
     backend.check_storage().await.unwrap();
-    let engine: Option<String> = conn
-        .exec_first(
-            "SELECT engine FROM information_schema.tables \
-             WHERE table_schema = DATABASE() AND table_name = ?",
-            (backend.holder_table(),),
-        )
-        .await
-        .unwrap();
+    let engine = engine_of(&mut conn, backend.holder_table()).await;
     assert_eq!(engine.as_deref(), Some("InnoDB"));
     let k = key("innodb-holders");
-    let mut tokens = Vec::new();
-    for _ in 0..3 {
-        let lease = acquire(&backend, &k, "a").await;
-        tokens.push(lease.token.get());
-        assert!(backend.release(&lease).await.unwrap());
-    }
-    assert_eq!(tokens, [1, 2, 3]);
+    assert_eq!(cycle_tokens(&backend, &k, 3).await, [1, 2, 3]);
     assert_eq!(reservation(&mut conn, &ns, &k).await, Some(1000));
     drop_table(&url, &ns).await;
 }
