@@ -442,7 +442,8 @@ impl LockBackend for PgAdvisoryBackend {
         // latest version, never the statement's snapshot: a holder that came and went between
         // the snapshot and the lock is counted. The reservation may be read stale (it only
         // grows), which can only raise it once more than needed. Only a raise writes a logged
-        // table, so only then does the commit wait for the log flush.
+        // table, so only then does the commit wait for the log flush. (`raised` runs although
+        // nothing reads it: PostgreSQL runs every data-modifying WITH to completion.)
         let sql = format!(
             "WITH me AS MATERIALIZED (SELECT pg_backend_pid() AS pid), \
              attempt AS MATERIALIZED ( \
@@ -472,8 +473,7 @@ impl LockBackend for PgAdvisoryBackend {
                     b.token AS new_token, b.acquired_at AS new_acquired_at, \
                     o.owner, o.token, o.acquired_at, o.pid, \
                     (SELECT l.pid FROM pg_locks l WHERE b.token IS NULL AND {m} AND l.granted \
-                      LIMIT 1) AS holder_pid, \
-                    (SELECT count(*) FROM raised) AS raised \
+                      LIMIT 1) AS holder_pid \
                FROM me \
                LEFT JOIN bump b ON true \
                LEFT JOIN {h} o ON b.token IS NULL AND o.prefix = $2 AND o.key = $3",
