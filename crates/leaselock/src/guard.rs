@@ -3,15 +3,15 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::backend::{LockBackend, Wakeup};
 use crate::error::{Error, Result};
+use crate::guardian::{Guardian, Slot};
 use crate::hooks::{call_hook, LockHooks, Operation};
 use crate::refresher::Refresher;
 use crate::types::{FencingToken, Lease, LockKey, OwnerId};
@@ -27,7 +27,15 @@ use crate::types::{FencingToken, Lease, LockKey, OwnerId};
 /// after a normal release.
 #[derive(Clone)]
 pub struct LostSignal {
-    rx: watch::Receiver<Option<Arc<str>>>,
+    state: Arc<LostState>,
+}
+
+/// The reason, set once, and the waiters to wake then. (A set-once cell and a `Notify` cost less
+/// per guard than a watch channel, whose sender wakes its receivers when it is dropped.)
+#[derive(Default)]
+struct LostState {
+    reason: OnceLock<Arc<str>>,
+    notify: Notify,
 }
 
 impl fmt::Debug for LostSignal {
@@ -41,33 +49,47 @@ impl fmt::Debug for LostSignal {
 impl LostSignal {
     /// Whether the lease has been lost.
     pub fn is_lost(&self) -> bool {
-        self.rx.borrow().is_some()
+        self.state.reason.get().is_some()
     }
 
     /// Why the lease was lost, once it has been.
     pub fn reason(&self) -> Option<String> {
-        self.rx.borrow().as_deref().map(str::to_owned)
+        self.state.reason.get().map(|reason| reason.to_string())
     }
 
     /// Resolves with the reason when the lease is lost; never resolves if it is released
     /// normally.
     pub async fn wait(&self) -> String {
-        let mut rx = self.rx.clone();
-        let outcome = rx
-            .wait_for(Option::is_some)
-            .await
-            .map(|r| r.as_deref().map(str::to_owned));
-        match outcome {
-            Ok(Some(reason)) => reason,
-            _ => std::future::pending().await,
+        loop {
+            let notified = self.state.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a loss right after it still wakes this wait.
+            notified.as_mut().enable();
+            if let Some(reason) = self.state.reason.get() {
+                return reason.to_string();
+            }
+            notified.await;
         }
     }
 
     /// A signal that never fires (for a disabled locker).
     fn never() -> Self {
-        // The sender is dropped at once: `is_lost` stays false and `wait` pends forever.
-        let (_tx, rx) = watch::channel(None);
-        Self { rx }
+        Self::new()
+    }
+
+    fn new() -> Self {
+        Self {
+            state: Arc::default(),
+        }
+    }
+
+    /// Fires with `reason`; `false` when it had fired already.
+    fn fire(&self, reason: &str) -> bool {
+        let first = self.state.reason.set(Arc::from(reason)).is_ok();
+        if first {
+            self.state.notify.notify_waiters();
+        }
+        first
     }
 }
 
@@ -79,7 +101,7 @@ pub(crate) struct Held {
     refresher: Option<Arc<Refresher>>,
     release_timeout: Duration,
     lease: Mutex<Lease>,
-    lost_tx: watch::Sender<Option<Arc<str>>>,
+    lost: LostSignal,
     /// The local deadline after which the lease counts as lost without a successful refresh.
     deadline: Mutex<Option<Instant>>,
     released: AtomicBool,
@@ -101,14 +123,7 @@ impl Held {
         if self.released.load(Ordering::SeqCst) {
             return;
         }
-        let first = self.lost_tx.send_if_modified(|state| {
-            if state.is_some() {
-                return false;
-            }
-            *state = Some(Arc::from(reason));
-            true
-        });
-        if first {
+        if self.lost.fire(reason) {
             let lease = self.lease();
             tracing::warn!(key = %lease.key, token = %lease.token, reason, "lease lost");
             call_hook("lease_lost", self.hooks.lease_lost(&lease, reason)).await;
@@ -116,7 +131,7 @@ impl Held {
     }
 
     fn is_lost(&self) -> bool {
-        self.lost_tx.borrow().is_some()
+        self.lost.is_lost()
     }
 }
 
@@ -255,7 +270,9 @@ impl LockContext {
 /// Dereferences to its [`LockContext`]: `guard.token()`, `guard.lost()`, `guard.ensure_held()`.
 pub struct LockGuard {
     ctx: LockContext,
-    daemon: Option<JoinHandle<()>>,
+    /// Its daemon's place in the locker's guardian (see `guardian.rs`): waiting to start, or
+    /// running as a task.
+    daemon: Option<Arc<Slot>>,
 }
 
 impl fmt::Debug for LockGuard {
@@ -302,13 +319,15 @@ impl LockGuard {
         }
     }
 
-    /// Starts guarding `lease`, acquired with a request sent at `sent_at`.
+    /// Starts guarding `lease`, acquired with a request sent at `sent_at`. Its daemon waits in
+    /// `guardian` until it has work to do.
     pub(crate) fn start(
         backend: Arc<dyn LockBackend>,
         hooks: Arc<dyn LockHooks>,
         lease: Lease,
         sent_at: Instant,
         config: GuardConfig,
+        guardian: &Guardian,
     ) -> Self {
         // A session lock's liveness checks are its refreshes: bound them like a lease's.
         // A lock without expiry on a lease backend cannot lapse while its holder is cut off, so
@@ -320,7 +339,7 @@ impl LockGuard {
                 .or_else(|| config.refresh_every.map(|_| config.session_bound)),
         };
         let deadline = bound.map(|bound| local_deadline(sent_at, bound));
-        let (lost_tx, rx) = watch::channel(None);
+        let lost = LostSignal::new();
         let lost_watch = backend.watch_lost(&lease);
         let held = Arc::new(Held {
             backend,
@@ -328,20 +347,27 @@ impl LockGuard {
             refresher: config.refresher,
             release_timeout: config.release_timeout,
             lease: Mutex::new(lease.clone()),
-            lost_tx,
+            lost: lost.clone(),
             deadline: Mutex::new(deadline),
             released: AtomicBool::new(false),
         });
         let needs_daemon =
             deadline.is_some() || lost_watch.is_some() || config.refresh_every.is_some();
         let handle = needs_daemon.then(|| {
-            tokio::spawn(run_daemon(
-                Arc::clone(&held),
-                config.refresh_every,
+            // The refresh interval runs from the acquisition, as the deadline does.
+            let first_refresh = config.refresh_every.map(|every| sent_at + every);
+            let due = match (first_refresh, deadline) {
+                (Some(refresh), Some(deadline)) => Some(refresh.min(deadline)),
+                (refresh, deadline) => refresh.or(deadline),
+            };
+            let start = DaemonStart {
+                held: Arc::clone(&held),
+                refresh_every: config.refresh_every,
+                first_refresh,
                 bound,
-                config.verify_only,
-                lost_watch.unwrap_or_else(|| Box::pin(std::future::pending())),
-            ))
+                verify_only: config.verify_only,
+            };
+            guardian.register(start, due, lost_watch)
         });
         Self {
             ctx: LockContext {
@@ -349,7 +375,7 @@ impl LockGuard {
                 owner: lease.owner.clone(),
                 token: lease.token,
                 held: Some(held),
-                lost: LostSignal { rx },
+                lost,
             },
             daemon: handle,
         }
@@ -383,7 +409,7 @@ impl LockGuard {
 
     fn stop_daemon(&mut self) {
         if let Some(daemon) = self.daemon.take() {
-            daemon.abort();
+            daemon.stop();
         }
     }
 }
@@ -391,6 +417,7 @@ impl LockGuard {
 /// Releases, retrying transient errors with backoff for up to the release timeout.
 async fn release_with_retries(held: &Held, lease: &Lease) -> Result<bool> {
     let started = Instant::now();
+    let deadline = started + held.release_timeout;
     let mut backoff = Duration::from_millis(50);
     loop {
         let attempt = held.backend.release(lease);
@@ -398,8 +425,7 @@ async fn release_with_retries(held: &Held, lease: &Lease) -> Result<bool> {
             attempt.await
         } else {
             // A database that never answers must not hold the caller past the release timeout.
-            let left = held.release_timeout.saturating_sub(started.elapsed());
-            tokio::time::timeout(left, attempt)
+            tokio::time::timeout_at(deadline, attempt)
                 .await
                 .unwrap_or_else(|_| {
                     Err(Error::transient(
@@ -497,16 +523,34 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 const DEADLINE_REASON: &str = "the lease duration passed without a successful refresh";
 const SESSION_REASON: &str = "the backend reported the lease gone (session ended)";
 
-/// Keeps a lease alive until aborted or lost. With `verify_only` (a lock without expiry), checks
-/// ownership instead of refreshing.
-async fn run_daemon(
+/// What a guard's daemon needs, kept in the guardian until the daemon starts.
+pub(crate) struct DaemonStart {
     held: Arc<Held>,
     refresh_every: Option<Duration>,
+    /// When the first refresh is due (the interval after the acquisition).
+    first_refresh: Option<Instant>,
     bound: Option<Duration>,
     verify_only: bool,
-    mut lost_watch: Wakeup,
-) {
-    let mut next_refresh = refresh_every.map(|every| Instant::now() + every);
+}
+
+impl DaemonStart {
+    /// Runs the daemon as a task of its own, watching `lost_watch`.
+    pub(crate) fn spawn(self, lost_watch: Wakeup) -> tokio::task::AbortHandle {
+        tokio::spawn(run_daemon(self, lost_watch)).abort_handle()
+    }
+}
+
+/// Keeps a lease alive until aborted or lost. With `verify_only` (a lock without expiry), checks
+/// ownership instead of refreshing.
+async fn run_daemon(start: DaemonStart, mut lost_watch: Wakeup) {
+    let DaemonStart {
+        held,
+        refresh_every,
+        first_refresh,
+        bound,
+        verify_only,
+    } = start;
+    let mut next_refresh = first_refresh;
     loop {
         let deadline = held.deadline();
         tokio::select! {

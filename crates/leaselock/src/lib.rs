@@ -5,6 +5,7 @@ mod backend;
 mod config;
 mod error;
 mod guard;
+mod guardian;
 mod hooks;
 mod locker;
 mod memory;

@@ -11,6 +11,7 @@ use crate::backend::LockBackend;
 use crate::config::{OnUnavailable, WaitPolicy};
 use crate::error::{Error, Result};
 use crate::guard::{catch_panic, GuardConfig, LockContext, LockGuard};
+use crate::guardian::Guardian;
 use crate::hooks::{call_hook, LockHooks, NoHooks, Operation};
 use crate::refresher::Refresher;
 use crate::types::{
@@ -330,6 +331,7 @@ impl LockerBuilder {
                 refresh: self.refresh,
                 refresh_interval,
                 refresher,
+                guardian: Guardian::new(),
                 wait: self.wait,
                 on_unavailable: self.on_unavailable,
                 verify_after_acquire: self.verify_after_acquire,
@@ -372,6 +374,8 @@ struct Inner {
     refresh_interval: Duration,
     /// Batches refreshes when the backend can (see [`LockerBuilder::refresh_batch_window`]).
     refresher: Option<Arc<Refresher>>,
+    /// Where the guards' daemons wait until they have work (see `guardian.rs`).
+    guardian: Guardian,
     wait: WaitPolicy,
     on_unavailable: OnUnavailable,
     verify_after_acquire: bool,
@@ -463,6 +467,12 @@ impl Locker {
         &self.inner.capabilities
     }
 
+    /// Where this locker's guards wait for their daemons.
+    #[cfg(test)]
+    pub(crate) fn guardian(&self) -> &Guardian {
+        &self.inner.guardian
+    }
+
     /// The backend.
     pub fn backend(&self) -> &Arc<dyn LockBackend> {
         &self.inner.backend
@@ -510,7 +520,13 @@ impl Locker {
             } else {
                 None
             };
-            let sent_at = Instant::now();
+            // The first attempt is sent after `started`: an earlier start only makes the
+            // guard's deadline earlier, never later.
+            let sent_at = if attempt == 1 {
+                started
+            } else {
+                Instant::now()
+            };
             let (holder, failure) = match i.backend.try_acquire(&request).await {
                 Ok(AcquireOutcome::Acquired(lease)) => {
                     if i.verify_after_acquire {
@@ -596,6 +612,7 @@ impl Locker {
                     .clone()
                     .filter(|_| ttl.is_some() && !verify_only),
             },
+            &i.guardian,
         )
     }
 
