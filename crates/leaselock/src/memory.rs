@@ -42,15 +42,38 @@ pub struct MemoryBackend {
 struct Shared {
     initialized: AtomicBool,
     keys: Mutex<BTreeMap<LockKey, Entry>>,
-    /// Bumped on every change of holder, for release and lost notifications.
-    changes: watch::Sender<u64>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Entry {
     /// The last token handed out for this key; never goes back.
     last_token: u64,
     holder: Option<Holder>,
+    /// Bumped when a holder goes (released, force-released, expired and cleaned up or taken
+    /// over), for this key's release and lost notifications. Only sent to when somebody
+    /// listens, so an uncontended acquire and release notify nobody.
+    gone: watch::Sender<u64>,
+}
+
+impl Default for Entry {
+    fn default() -> Self {
+        Self {
+            last_token: 0,
+            holder: None,
+            gone: watch::channel(0).0,
+        }
+    }
+}
+
+impl Entry {
+    /// Takes the holder away, telling whoever listens.
+    fn clear(&mut self) -> Option<Holder> {
+        let holder = self.holder.take();
+        if holder.is_some() && self.gone.receiver_count() > 0 {
+            self.gone.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        holder
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -159,7 +182,6 @@ impl MemoryBackend {
             shared: Arc::new(Shared {
                 initialized: AtomicBool::new(false),
                 keys: Mutex::new(BTreeMap::new()),
-                changes: watch::channel(0).0,
             }),
         }
     }
@@ -174,10 +196,6 @@ impl MemoryBackend {
             .keys
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()))
-    }
-
-    fn changed(&self) {
-        self.shared.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -208,6 +226,8 @@ impl LockBackend for MemoryBackend {
             if !holder.is_expired(now) {
                 return Ok(AcquireOutcome::Held(Some(holder.info(request.key(), now))));
             }
+            // Taken over: its holder is told.
+            entry.clear();
         }
         entry.last_token += 1;
         let wall = SystemTime::now();
@@ -221,8 +241,6 @@ impl LockBackend for MemoryBackend {
         };
         let lease = holder.lease(request.key());
         entry.holder = Some(holder);
-        drop(keys);
-        self.changed();
         Ok(AcquireOutcome::Acquired(lease))
     }
 
@@ -259,9 +277,7 @@ impl LockBackend for MemoryBackend {
         };
         match &entry.holder {
             Some(holder) if holder.matches(lease) && !holder.is_expired(now) => {
-                entry.holder = None;
-                drop(keys);
-                self.changed();
+                entry.clear();
                 Ok(true)
             }
             _ => Ok(false),
@@ -292,15 +308,10 @@ impl LockBackend for MemoryBackend {
     async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>> {
         let now = Instant::now();
         let mut keys = self.keys()?;
-        let removed = keys
+        Ok(keys
             .get_mut(key)
-            .and_then(|e| e.holder.take())
-            .map(|h| h.info(key, now));
-        drop(keys);
-        if removed.is_some() {
-            self.changed();
-        }
-        Ok(removed)
+            .and_then(Entry::clear)
+            .map(|h| h.info(key, now)))
     }
 
     async fn release_expired(&self) -> Result<u64> {
@@ -309,20 +320,20 @@ impl LockBackend for MemoryBackend {
         let mut count = 0;
         for entry in keys.values_mut() {
             if entry.holder.as_ref().is_some_and(|h| h.is_expired(now)) {
-                entry.holder = None;
+                entry.clear();
                 count += 1;
             }
-        }
-        drop(keys);
-        if count > 0 {
-            self.changed();
         }
         Ok(count)
     }
 
-    async fn watch_release(&self, _key: &LockKey) -> Result<Option<Wakeup>> {
-        let mut rx = self.shared.changes.subscribe();
-        rx.borrow_and_update();
+    async fn watch_release(&self, key: &LockKey) -> Result<Option<Wakeup>> {
+        let mut rx = self
+            .keys()?
+            .entry(key.clone())
+            .or_default()
+            .gone
+            .subscribe();
         Ok(Some(Box::pin(async move {
             // A closed channel means the store is gone: wake the waiter so it finds out.
             let _ = rx.changed().await;
@@ -330,19 +341,26 @@ impl LockBackend for MemoryBackend {
     }
 
     fn watch_lost(&self, lease: &Lease) -> Option<Wakeup> {
-        let mut rx = self.shared.changes.subscribe();
+        // Subscribed under the same lock that shows the lease held, so no loss falls between.
+        let keys = self.keys().ok()?;
+        let entry = keys.get(&lease.key)?;
+        let held = entry.holder.as_ref().is_some_and(|h| h.matches(lease));
+        let mut rx = entry.gone.subscribe();
+        drop(keys);
         let this = self.clone();
         let lease = lease.clone();
         Some(Box::pin(async move {
-            loop {
-                let still_held = matches!(
-                    this.keys().ok().and_then(|keys| keys.get(&lease.key).and_then(|e| e.holder.clone())),
-                    Some(holder) if holder.matches(&lease)
-                );
+            if !held {
+                return;
+            }
+            // A holder of this key went; was it this lease?
+            while rx.changed().await.is_ok() {
+                let still_held = this.keys().is_ok_and(|keys| {
+                    keys.get(&lease.key)
+                        .and_then(|e| e.holder.as_ref())
+                        .is_some_and(|h| h.matches(&lease))
+                });
                 if !still_held {
-                    return;
-                }
-                if rx.changed().await.is_err() {
                     return;
                 }
             }
