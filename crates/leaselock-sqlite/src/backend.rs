@@ -19,6 +19,10 @@ use crate::error::{convert, is_busy, join, not_initialized, NAME};
 /// statement, so every use in one statement sees the same instant.
 const NOW_MS: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
+/// How many times one acquisition tries when the key it found held is free again by the time its
+/// holder is read (a release between the two statements).
+const ACQUIRE_ATTEMPTS: usize = 3;
+
 /// How many leases one batched refresh updates in its transaction: a few milliseconds of holding
 /// the database's write lock at most.
 const MAX_REFRESH_BATCH: usize = 500;
@@ -26,8 +30,10 @@ const MAX_REFRESH_BATCH: usize = 500;
 /// Leases in an SQLite table: the embedded default.
 ///
 /// Several processes on one host exclude each other through one database file: the file is in
-/// WAL mode, every write runs in an immediate transaction, and a busy timeout makes a writer wait
-/// for another instead of failing. Expiry is decided by SQLite's clock (the host's), fencing
+/// WAL mode, every write takes the database's write lock before it writes anything (acquire and
+/// release are single autocommit statements, which SQLite runs as immediate transactions; the
+/// others run in `BEGIN IMMEDIATE`), and a busy timeout makes a writer wait for another instead
+/// of failing. Expiry is decided by SQLite's clock (the host's), fencing
 /// tokens are kept per key forever (rows are never deleted). Blocking calls run on tokio's
 /// blocking pool, never on the async runtime. A [`leaselock::Locker`] (by default: see its refresh batch window) refreshes the leases that
 /// fall due together in one transaction ([`LockBackend::refresh_many`], up to 500 a batch).
@@ -231,10 +237,10 @@ impl SqliteBackend {
     /// than handing it to another thread and back (which was about two thirds of an uncontended
     /// acquire + release, see BENCHMARKS.md). So when the connection is free, `f` runs here with
     /// a busy handler that gives up at once instead of the busy timeout's wait: an async thread
-    /// must not wait for another process. Every write runs in `BEGIN IMMEDIATE`, which takes the
-    /// write lock before writing anything, and the reads change nothing, so an `f` that met a
-    /// busy database wrote nothing: its outcome is dropped and it runs again on the blocking
-    /// pool, which waits as configured. (A commit here does not wait for the disk either: in WAL
+    /// must not wait for another process. Every write takes the write lock before writing
+    /// anything (a single writing statement in autocommit mode, or `BEGIN IMMEDIATE`), and the
+    /// reads change nothing, so an `f` that met a busy database wrote nothing: its outcome is
+    /// dropped and it runs again on the blocking pool, which waits as configured. (A commit here does not wait for the disk either: in WAL
     /// mode with `synchronous = NORMAL` only the occasional automatic checkpoint syncs, and it
     /// covers the few pages of a lock table.)
     async fn with<T, F>(&self, mut f: F) -> Result<T>
@@ -411,50 +417,55 @@ impl LockBackend for SqliteBackend {
         .await
     }
 
+    /// One autocommit statement, like the floor's: SQLite takes the write lock when a writing
+    /// statement starts (waiting in the busy handler), so the statement is its own immediate
+    /// transaction. Only a refused attempt reads the holder, in a second statement; a holder
+    /// gone by then (released or expired in between) means the key is free again: try again.
     async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
         let request = request.clone();
         self.with(move |conn, sql| {
-            let tx = immediate(conn)?;
             let key = request.key().as_str();
             let ttl = request.ttl().map(millis);
-            let won = tx
-                .prepare_cached(&sql.acquire)
-                .and_then(|mut s| {
-                    s.query_row(params![key, request.owner().as_str(), ttl], |r| {
-                        Ok((
-                            r.get::<_, i64>(0)?,
-                            r.get::<_, i64>(1)?,
-                            r.get::<_, Option<i64>>(2)?,
-                        ))
+            let mut holder = None;
+            for _ in 0..ACQUIRE_ATTEMPTS {
+                let won = conn
+                    .prepare_cached(&sql.acquire)
+                    .and_then(|mut s| {
+                        s.query_row(params![key, request.owner().as_str(), ttl], |r| {
+                            Ok((
+                                r.get::<_, i64>(0)?,
+                                r.get::<_, i64>(1)?,
+                                r.get::<_, Option<i64>>(2)?,
+                            ))
+                        })
+                        .optional()
                     })
-                    .optional()
-                })
-                .map_err(convert)?;
-            let outcome = match won {
-                Some((tok, acquired, expires)) => {
+                    .map_err(convert)?;
+                if let Some((tok, acquired, expires)) = won {
                     let lease = Lease::new(
                         request.key().clone(),
                         request.owner().clone(),
                         token(tok),
                         time(acquired),
                     );
-                    AcquireOutcome::Acquired(match (expires, request.ttl()) {
+                    return Ok(AcquireOutcome::Acquired(match (expires, request.ttl()) {
                         (Some(expires), Some(ttl)) => lease.with_expiry(time(expires), ttl),
                         _ => lease,
-                    })
+                    }));
                 }
-                None => {
-                    let row = tx
-                        .prepare_cached(&sql.holder)
-                        .and_then(|mut s| s.query_row([key], read_row).optional())
-                        .map_err(convert)?
-                        .flatten();
-                    let holder = row.map(|row| info(request.key(), row)).transpose()?;
-                    AcquireOutcome::Held(holder.map(|(info, _)| info))
+                let row = conn
+                    .prepare_cached(&sql.holder)
+                    .and_then(|mut s| s.query_row([key], read_row).optional())
+                    .map_err(convert)?
+                    .flatten();
+                match row.map(|row| info(request.key(), row)).transpose()? {
+                    Some((info, false)) => return Ok(AcquireOutcome::Held(Some(info))),
+                    // Released or expired since the attempt: the key is free again.
+                    Some((info, true)) => holder = Some(info),
+                    None => holder = None,
                 }
-            };
-            tx.commit().map_err(convert)?;
-            Ok(outcome)
+            }
+            Ok(AcquireOutcome::Held(holder))
         })
         .await
     }
@@ -512,9 +523,9 @@ impl LockBackend for SqliteBackend {
 
     async fn release(&self, lease: &Lease) -> Result<bool> {
         let lease = lease.clone();
+        // One autocommit statement, its own immediate transaction (see `try_acquire`).
         self.with(move |conn, sql| {
-            let tx = immediate(conn)?;
-            let n = tx
+            let n = conn
                 .prepare_cached(&sql.release)
                 .and_then(|mut s| {
                     s.execute(params![
@@ -524,7 +535,6 @@ impl LockBackend for SqliteBackend {
                     ])
                 })
                 .map_err(convert)?;
-            tx.commit().map_err(convert)?;
             Ok(n == 1)
         })
         .await
