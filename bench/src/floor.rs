@@ -41,12 +41,7 @@ pub(crate) async fn connect(target: &Target, via: Option<SocketAddr>) -> Result<
             // As the backend configures its connection (the file is already in WAL mode).
             conn.busy_timeout(std::time::Duration::from_secs(5))?;
             conn.execute_batch("PRAGMA synchronous = NORMAL")?;
-            Box::new(SqliteFloor {
-                conn,
-                table: format!("\"{}\"", target.table),
-                owner,
-                tokens: HashMap::new(),
-            })
+            Box::new(SqliteFloor::new(conn, &target.table, owner))
         }
         BackendId::PostgresAdvisory | BackendId::PostgresTable => {
             let config = leaselock_postgres::PgConfig::from_url(&target.backend_url(via)?)?;
@@ -183,32 +178,47 @@ impl Floor for MemoryFloor {
 
 struct SqliteFloor {
     conn: rusqlite::Connection,
-    /// Quoted.
-    table: String,
+    /// The statements, built once (rusqlite's cache then finds them by their text).
+    lock_sql: String,
+    unlock_sql: String,
     owner: String,
     tokens: HashMap<String, i64>,
 }
 
 const SQLITE_NOW_MS: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
+impl SqliteFloor {
+    fn new(conn: rusqlite::Connection, table: &str, owner: String) -> Self {
+        let t = format!("\"{table}\"");
+        Self {
+            conn,
+            lock_sql: format!(
+                "INSERT INTO {t} (lock_key, owner, token, acquired_at_ms, expires_at_ms, ttl_ms)
+                 VALUES (?1, ?2, 1, {SQLITE_NOW_MS}, {SQLITE_NOW_MS} + 60000, 60000)
+                 ON CONFLICT (lock_key) DO UPDATE SET
+                    owner = excluded.owner, token = {t}.token + 1,
+                    acquired_at_ms = excluded.acquired_at_ms, expires_at_ms = excluded.expires_at_ms,
+                    ttl_ms = excluded.ttl_ms
+                 WHERE {t}.owner IS NULL OR {t}.expires_at_ms <= excluded.acquired_at_ms
+                 RETURNING token"
+            ),
+            unlock_sql: format!(
+                "UPDATE {t} SET owner = NULL, acquired_at_ms = NULL, expires_at_ms = NULL, \
+                 ttl_ms = NULL WHERE lock_key = ?1 AND owner = ?2 AND token = ?3"
+            ),
+            owner,
+            tokens: HashMap::new(),
+        }
+    }
+}
+
 #[async_trait]
 impl Floor for SqliteFloor {
     async fn lock(&mut self, key: &str) -> Result<bool> {
-        let t = &self.table;
-        let sql = format!(
-            "INSERT INTO {t} (lock_key, owner, token, acquired_at_ms, expires_at_ms, ttl_ms)
-             VALUES (?1, ?2, 1, {SQLITE_NOW_MS}, {SQLITE_NOW_MS} + 60000, 60000)
-             ON CONFLICT (lock_key) DO UPDATE SET
-                owner = excluded.owner, token = {t}.token + 1,
-                acquired_at_ms = excluded.acquired_at_ms, expires_at_ms = excluded.expires_at_ms,
-                ttl_ms = excluded.ttl_ms
-             WHERE {t}.owner IS NULL OR {t}.expires_at_ms <= excluded.acquired_at_ms
-             RETURNING token"
-        );
         use rusqlite::OptionalExtension;
         let token: Option<i64> = self
             .conn
-            .prepare_cached(&sql)?
+            .prepare_cached(&self.lock_sql)?
             .query_row(rusqlite::params![key, self.owner], |r| r.get(0))
             .optional()?;
         Ok(match token {
@@ -222,13 +232,8 @@ impl Floor for SqliteFloor {
 
     async fn unlock(&mut self, key: &str) -> Result<()> {
         let token = self.tokens.remove(key).ok_or("unlock without lock")?;
-        let sql = format!(
-            "UPDATE {} SET owner = NULL, acquired_at_ms = NULL, expires_at_ms = NULL, \
-             ttl_ms = NULL WHERE lock_key = ?1 AND owner = ?2 AND token = ?3",
-            self.table
-        );
         self.conn
-            .prepare_cached(&sql)?
+            .prepare_cached(&self.unlock_sql)?
             .execute(rusqlite::params![key, self.owner, token])?;
         Ok(())
     }
