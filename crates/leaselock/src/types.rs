@@ -2,6 +2,7 @@
 //! capabilities.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,8 @@ pub const MAX_LEASE_DURATION: Duration = Duration::from_secs(366 * 24 * 60 * 60)
 /// Any such string is valid; backends whose native lock names are limited map keys
 /// deterministically.
 ///
+/// Clones share the text, so a key travels through requests, leases and guards without copies.
+///
 /// ```
 /// use leaselock::LockKey;
 /// let key = LockKey::new("migrations/app")?;
@@ -32,14 +35,14 @@ pub const MAX_LEASE_DURATION: Duration = Duration::from_secs(366 * 24 * 60 * 60)
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct LockKey(String);
+pub struct LockKey(Arc<str>);
 
 impl LockKey {
     /// Validates and wraps a key. Errors with [`Error::InvalidInput`] naming the field `key`.
     pub fn new(key: impl Into<String>) -> Result<Self> {
         let key = key.into();
         validate_text("key", &key, MAX_KEY_BYTES)?;
-        Ok(Self(key))
+        Ok(Self(key.into()))
     }
 
     /// The key as a string slice.
@@ -69,7 +72,7 @@ impl TryFrom<String> for LockKey {
 
 impl From<LockKey> for String {
     fn from(key: LockKey) -> String {
-        key.0
+        key.0.to_string()
     }
 }
 
@@ -91,7 +94,7 @@ impl AsRef<str> for LockKey {
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct OwnerId(String);
+pub struct OwnerId(Arc<str>);
 
 impl OwnerId {
     /// Validates and wraps an owner id: non-empty, at most [`MAX_OWNER_BYTES`] bytes, no control
@@ -99,7 +102,7 @@ impl OwnerId {
     pub fn new(owner: impl Into<String>) -> Result<Self> {
         let owner = owner.into();
         validate_text("owner", &owner, MAX_OWNER_BYTES)?;
-        Ok(Self(owner))
+        Ok(Self(owner.into()))
     }
 
     /// A fresh owner id `host-pid-uuid`, unique to this call.
@@ -111,11 +114,14 @@ impl OwnerId {
         } else {
             host
         };
-        Self(format!(
-            "{host}-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        ))
+        Self(
+            format!(
+                "{host}-{}-{}",
+                std::process::id(),
+                uuid::Uuid::new_v4().simple()
+            )
+            .into(),
+        )
     }
 
     /// The owner id as a string slice.
@@ -145,7 +151,7 @@ impl TryFrom<String> for OwnerId {
 
 impl From<OwnerId> for String {
     fn from(owner: OwnerId) -> String {
-        owner.0
+        owner.0.to_string()
     }
 }
 
