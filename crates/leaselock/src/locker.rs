@@ -331,7 +331,7 @@ impl LockerBuilder {
                 refresh: self.refresh,
                 refresh_interval,
                 refresher,
-                guardian: Guardian::new(),
+                guardian: Guardian::new(self.release_timeout),
                 wait: self.wait,
                 on_unavailable: self.on_unavailable,
                 verify_after_acquire: self.verify_after_acquire,
