@@ -3,6 +3,7 @@
 mod get_lock;
 mod table;
 
+use std::ops::DerefMut;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use leaselock::{Error, LockKey, OwnerId, Result};
@@ -35,11 +36,116 @@ pub(crate) fn micros(duration: Duration) -> u64 {
     u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
+/// How long a connection may wait in [`Shared::hot_conn`]'s slot: long enough for an
+/// acquisition and the release of short work after it, short enough that no connection sits
+/// there idle where a server or proxy timeout could close it unseen.
+const HOT_IDLE: Duration = Duration::from_secs(1);
+
 /// What every backend instance owns: its own pool, and how to describe errors.
 pub(crate) struct Shared {
     pub(crate) pool: Pool,
     pub(crate) ctx: ErrorContext,
     pub(crate) checked: Checked,
+    /// The connection the last lease operation used and gave back, and when.
+    hot: std::sync::Mutex<Option<(Conn, std::time::Instant)>>,
+}
+
+/// A connection for one lease operation (see [`Shared::hot_conn`]). Dereferences to the
+/// driver's [`Conn`].
+pub(crate) struct HotConn<'a> {
+    shared: &'a Shared,
+    conn: Option<Conn>,
+    keep: bool,
+    /// Came from the slot and has not answered since: it may have ended on the server.
+    unproven: bool,
+}
+
+/// `ER_CONNECTION_KILLED` (MariaDB) and `ER_CLIENT_INTERACTION_TIMEOUT` (MySQL 8): what a
+/// connection ended on the server answers its next statement with.
+const ENDED_ON_THE_SERVER: [u16; 2] = [1927, 4031];
+
+impl HotConn<'_> {
+    /// The operation's statements all succeeded: the connection may serve the next one.
+    pub(crate) fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    /// Runs the operation's first statement. On the kept connection, a statement that finds
+    /// it ended (killed, or the server restarted, since the last operation) runs once more on
+    /// a connection from the pool, whose check would have caught that: a statement sent on a
+    /// connection the server had already closed never ran.
+    pub(crate) async fn exec_drop(&mut self, sql: &str, params: impl Into<Params>) -> Result<()> {
+        let params = params.into();
+        let outcome = self.deref_mut().exec_drop(sql, params.clone()).await;
+        let outcome = match outcome {
+            Err(e) if self.unproven && ended(&e) => {
+                tracing::debug!(error = %e, "kept MySQL connection had ended; using the pool's");
+                self.conn = Some(self.shared.conn().await?);
+                self.deref_mut().exec_drop(sql, params).await
+            }
+            outcome => outcome,
+        };
+        self.unproven = false;
+        outcome.map_err(|e| self.shared.err(e))
+    }
+
+    /// [`HotConn::exec_drop`] for a statement that returns a row.
+    pub(crate) async fn exec_first<T: FromRow>(
+        &mut self,
+        sql: &str,
+        params: impl Into<Params>,
+    ) -> Result<Option<T>> {
+        let params = params.into();
+        let outcome = self.deref_mut().exec_first(sql, params.clone()).await;
+        let outcome: std::result::Result<Option<Row>, _> = match outcome {
+            Err(e) if self.unproven && ended(&e) => {
+                tracing::debug!(error = %e, "kept MySQL connection had ended; using the pool's");
+                self.conn = Some(self.shared.conn().await?);
+                self.deref_mut().exec_first(sql, params).await
+            }
+            outcome => outcome,
+        };
+        self.unproven = false;
+        let row = outcome.map_err(|e| self.shared.err(e))?;
+        row.map(|row| self.shared.decode(row)).transpose()
+    }
+}
+
+/// Whether `e` says the connection is gone (rather than that the statement failed).
+fn ended(e: &mysql_async::Error) -> bool {
+    match e {
+        mysql_async::Error::Server(e) => ENDED_ON_THE_SERVER.contains(&e.code),
+        e => e.is_fatal(),
+    }
+}
+
+impl std::ops::Deref for HotConn<'_> {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        self.conn.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for HotConn<'_> {
+    fn deref_mut(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for HotConn<'_> {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        if self.keep {
+            let mut hot = self.shared.hot.lock().unwrap_or_else(|p| p.into_inner());
+            if hot.is_none() {
+                *hot = Some((conn, std::time::Instant::now()));
+                return;
+            }
+        }
+        // Failed, cancelled mid-statement, or the slot is taken: back to the pool, whose
+        // recycler cleans up or discards it.
+        drop(conn);
+    }
 }
 
 impl Shared {
@@ -72,11 +178,35 @@ impl Shared {
             ),
             ctx,
             checked,
+            hot: std::sync::Mutex::new(None),
         }
     }
 
     pub(crate) async fn conn(&self) -> Result<Conn> {
         self.pool.get_conn().await.map_err(|e| self.ctx.convert(e))
+    }
+
+    /// A connection for one lease operation: the one the last operation gave back, if that was
+    /// under [`HOT_IDLE`] ago, else one from the pool. mysql_async hands every connection
+    /// dropped back to its pool through the pool's recycler task, a wake-up of another task
+    /// (often on another thread) per statement; an acquisition and its release back to back
+    /// skip it. Run the first statement with [`HotConn::exec_drop`] or [`HotConn::exec_first`]
+    /// (which move to a pool connection when the kept one has ended meanwhile), and call
+    /// [`HotConn::keep`] once the statements succeeded; a connection not kept goes back to the
+    /// pool.
+    pub(crate) async fn hot_conn(&self) -> Result<HotConn<'_>> {
+        let cached = self.hot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (conn, unproven) = match cached {
+            Some((conn, since)) if since.elapsed() < HOT_IDLE => (conn, true),
+            // Idle for long: the pool's (dropping this one returns it there).
+            _ => (self.conn().await?, false),
+        };
+        Ok(HotConn {
+            shared: self,
+            conn: Some(conn),
+            keep: false,
+            unproven,
+        })
     }
 
     pub(crate) fn err(&self, e: mysql_async::Error) -> Error {

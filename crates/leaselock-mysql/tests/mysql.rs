@@ -730,3 +730,51 @@ async fn get_lock_works_with_an_innodb_holder_table_made_by_hand() {
     assert_eq!(reservation(&mut conn, &ns, &k).await, Some(1000));
     drop_table(&url, &ns).await;
 }
+
+/// The table backend keeps the connection of one lease operation for the next (under a
+/// second). One ended on the server meanwhile (killed here; a restart does the same) is
+/// replaced by a connection from the pool, as the pool's own check would: no call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_connection_ended_between_operations_is_replaced_from_the_pool() {
+    let Some(url) = url() else { return };
+    // A database of its own, so that its connections can be told from other tests'.
+    let db = format!("leaselock_hot_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = raw_conn(&url).await;
+    admin
+        .query_drop(format!("CREATE DATABASE `{db}`"))
+        .await
+        .unwrap();
+    let opts = OptsBuilder::from_opts(Opts::from_url(&url).unwrap()).db_name(Some(db.clone()));
+    let backend = MysqlTableBackend::new(MysqlConfig::new(opts).table("locks")).unwrap();
+    backend.init_storage().await.unwrap();
+    let k = key("hot");
+    for round in 0..3 {
+        let lease = acquire(&backend, &k, "a").await;
+        kill_connections_of(&mut admin, &db).await;
+        assert!(backend.verify(&lease).await.unwrap(), "round {round}");
+        kill_connections_of(&mut admin, &db).await;
+        let lease = backend.refresh(&lease).await.unwrap();
+        kill_connections_of(&mut admin, &db).await;
+        assert!(backend.release(&lease).await.unwrap(), "round {round}");
+        kill_connections_of(&mut admin, &db).await;
+    }
+    admin
+        .query_drop(format!("DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
+}
+
+/// Ends every connection using database `db`.
+async fn kill_connections_of(admin: &mut Conn, db: &str) {
+    let ids: Vec<u64> = admin
+        .exec(
+            "SELECT id FROM information_schema.processlist WHERE db = ?",
+            (db,),
+        )
+        .await
+        .unwrap();
+    assert!(!ids.is_empty(), "the backend's connections");
+    for id in ids {
+        let _ = admin.query_drop(format!("KILL CONNECTION {id}")).await;
+    }
+}

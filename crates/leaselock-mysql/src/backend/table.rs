@@ -286,10 +286,9 @@ impl LockBackend for MysqlTableBackend {
         // `NULL` for a lock without expiry, which then gets `NEVER`.
         let ttl = request.ttl().map(micros);
         let sent = SystemTime::now();
-        let mut conn = shared.conn().await?;
+        let mut conn = shared.hot_conn().await?;
         conn.exec_drop(&self.inner.sql.acquire, (key, owner, ttl, owner, ttl))
-            .await
-            .map_err(|e| shared.err(e))?;
+            .await?;
         let token = match (conn.affected_rows(), conn.last_insert_id()) {
             (1, None) => 1,
             (2, Some(token)) => token,
@@ -297,6 +296,7 @@ impl LockBackend for MysqlTableBackend {
                 let row: Option<HolderRow> = shared
                     .first(&mut conn, &self.inner.sql.status, (key,))
                     .await?;
+                conn.keep();
                 let holder = match self.state(request.key(), row)? {
                     LockState::Held(info) => Some(info),
                     // Released or expired since our attempt: the caller simply tries again.
@@ -310,6 +310,7 @@ impl LockBackend for MysqlTableBackend {
                 )))
             }
         };
+        conn.keep();
         tracing::trace!(key, token, "lease acquired");
         let lease = Lease::new(
             request.key().clone(),
@@ -329,18 +330,16 @@ impl LockBackend for MysqlTableBackend {
             Error::invalid("lease", "a lease without a duration cannot be refreshed")
         })?;
         let sent = SystemTime::now();
-        let mut conn = shared.conn().await?;
+        let mut conn = shared.hot_conn().await?;
         let params = (
             micros(ttl),
             lease.key.as_str(),
             lease.owner.as_str(),
             lease.token.get(),
         );
-        if shared
-            .run(&mut conn, &self.inner.sql.refresh, params)
-            .await?
-            == 1
-        {
+        conn.exec_drop(&self.inner.sql.refresh, params).await?;
+        if conn.affected_rows() == 1 {
+            conn.keep();
             let mut fresh = lease.clone();
             fresh.expires_at = Some(sent + ttl);
             fresh.ttl = Some(ttl);
@@ -350,6 +349,7 @@ impl LockBackend for MysqlTableBackend {
         let row: Option<HolderRow> = shared
             .first(&mut conn, &self.inner.sql.status, (lease.key.as_str(),))
             .await?;
+        conn.keep();
         let reason = match self.state(&lease.key, row)? {
             LockState::Expired(info) if info.owner == lease.owner && info.token == lease.token => {
                 "the lease expired before it was refreshed"
@@ -371,22 +371,20 @@ impl LockBackend for MysqlTableBackend {
 
     async fn verify(&self, lease: &Lease) -> Result<bool> {
         let shared = self.shared();
-        let mut conn = shared.conn().await?;
+        let mut conn = shared.hot_conn().await?;
         let params = (lease.key.as_str(), lease.owner.as_str(), lease.token.get());
-        let count: Option<i64> = shared
-            .first(&mut conn, &self.inner.sql.verify, params)
-            .await?;
+        let count: Option<i64> = conn.exec_first(&self.inner.sql.verify, params).await?;
+        conn.keep();
         Ok(count == Some(1))
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool> {
         let shared = self.shared();
-        let mut conn = shared.conn().await?;
+        let mut conn = shared.hot_conn().await?;
         let params = (lease.key.as_str(), lease.owner.as_str(), lease.token.get());
-        Ok(shared
-            .run(&mut conn, &self.inner.sql.release, params)
-            .await?
-            == 1)
+        conn.exec_drop(&self.inner.sql.release, params).await?;
+        conn.keep();
+        Ok(conn.affected_rows() == 1)
     }
 
     async fn status(&self, key: &LockKey) -> Result<LockState> {
