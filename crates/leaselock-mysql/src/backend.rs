@@ -112,7 +112,7 @@ impl HotConn<'_> {
 }
 
 /// Whether `e` says the connection is gone (rather than that the statement failed).
-fn ended(e: &mysql_async::Error) -> bool {
+pub(crate) fn ended(e: &mysql_async::Error) -> bool {
     match e {
         mysql_async::Error::Server(e) => ENDED_ON_THE_SERVER.contains(&e.code),
         e => e.is_fatal(),
@@ -136,15 +136,10 @@ impl Drop for HotConn<'_> {
     fn drop(&mut self) {
         let Some(conn) = self.conn.take() else { return };
         if self.keep {
-            let mut hot = self.shared.hot.lock().unwrap_or_else(|p| p.into_inner());
-            if hot.is_none() {
-                *hot = Some((conn, std::time::Instant::now()));
-                return;
-            }
+            self.shared.give_back(conn);
         }
-        // Failed, cancelled mid-statement, or the slot is taken: back to the pool, whose
-        // recycler cleans up or discards it.
-        drop(conn);
+        // Failed, or cancelled mid-statement: back to the pool, whose recycler cleans up or
+        // discards it.
     }
 }
 
@@ -195,11 +190,9 @@ impl Shared {
     /// [`HotConn::keep`] once the statements succeeded; a connection not kept goes back to the
     /// pool.
     pub(crate) async fn hot_conn(&self) -> Result<HotConn<'_>> {
-        let cached = self.hot.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let (conn, unproven) = match cached {
-            Some((conn, since)) if since.elapsed() < HOT_IDLE => (conn, true),
-            // Idle for long: the pool's (dropping this one returns it there).
-            _ => (self.conn().await?, false),
+        let (conn, unproven) = match self.take_kept() {
+            Some(conn) => (conn, true),
+            None => (self.conn().await?, false),
         };
         Ok(HotConn {
             shared: self,
@@ -207,6 +200,25 @@ impl Shared {
             keep: false,
             unproven,
         })
+    }
+
+    /// The connection the last operation gave back, if that was under [`HOT_IDLE`] ago (one
+    /// given back longer ago goes to the pool). It may have ended on the server since.
+    pub(crate) fn take_kept(&self) -> Option<Conn> {
+        let cached = self.hot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match cached {
+            Some((conn, since)) if since.elapsed() < HOT_IDLE => Some(conn),
+            _ => None,
+        }
+    }
+
+    /// Keeps `conn`, which holds no session state of ours and answered its last statement, for
+    /// the next operation (see [`Shared::hot_conn`]); to the pool when one is kept already.
+    pub(crate) fn give_back(&self, conn: Conn) {
+        let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+        if hot.is_none() {
+            *hot = Some((conn, std::time::Instant::now()));
+        }
     }
 
     pub(crate) fn err(&self, e: mysql_async::Error) -> Error {

@@ -764,6 +764,36 @@ async fn a_lease_connection_ended_between_operations_is_replaced_from_the_pool()
         .unwrap();
 }
 
+/// The GET_LOCK backend keeps the connection of a clean release for the next acquisition (under
+/// a second); one ended on the server meanwhile is replaced from the pool: no call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_get_lock_connection_ended_before_the_next_acquisition_is_replaced() {
+    let Some(url) = url() else { return };
+    let db = format!("leaselock_hot_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = raw_conn(&url).await;
+    admin
+        .query_drop(format!("CREATE DATABASE `{db}`"))
+        .await
+        .unwrap();
+    let opts = OptsBuilder::from_opts(Opts::from_url(&url).unwrap()).db_name(Some(db.clone()));
+    let config = MysqlConfig::new(opts).table("locks").prefix(&db);
+    let backend = MysqlGetLockBackend::new(config).unwrap();
+    backend.init_storage().await.unwrap();
+    let k = key("hot");
+    let mut tokens = Vec::new();
+    for round in 0..3 {
+        let lease = acquire(&backend, &k, "a").await;
+        tokens.push(lease.token.get());
+        assert!(backend.release(&lease).await.unwrap(), "round {round}");
+        kill_connections_of(&mut admin, &db).await;
+    }
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+    admin
+        .query_drop(format!("DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
+}
+
 /// Ends every connection using database `db`.
 async fn kill_connections_of(admin: &mut Conn, db: &str) {
     let ids: Vec<u64> = admin

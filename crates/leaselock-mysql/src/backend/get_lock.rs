@@ -119,6 +119,16 @@ struct Inner {
     sql: Sql,
     /// Locks this instance holds (or held until they were lost), by key and token.
     held: Mutex<HashMap<(LockKey, u64), Arc<Held>>>,
+    /// Locks whose liveness watch has not started (see [`watch_new_locks`]).
+    unwatched: Mutex<Unwatched>,
+}
+
+/// Locks acquired since the liveness ticker last looked.
+#[derive(Default)]
+struct Unwatched {
+    locks: Vec<Weak<Held>>,
+    /// A ticker task runs.
+    ticking: bool,
 }
 
 /// A lock this instance holds, with its dedicated connection.
@@ -358,6 +368,7 @@ impl MysqlGetLockBackend {
                 holders,
                 sql,
                 held: Mutex::default(),
+                unwatched: Mutex::default(),
             }),
         })
     }
@@ -608,11 +619,40 @@ pub(crate) fn takeover_grace(every: Duration) -> Duration {
     every * 2
 }
 
-/// Pings a held lock's connection until it is released, lost, or forgotten.
-async fn watch_liveness(held: Weak<Held>, every: Duration) {
-    let timeout = ping_timeout(every);
+/// Starts the liveness watches of the locks acquired since its last tick, every liveness
+/// interval, while there are any; a lock released before the tick after its acquisition never
+/// needs one. (A task and a timer per acquisition cost more than the lock: the spawn wakes
+/// another worker thread, and a timer earlier than every other wakes the runtime's timer thread.)
+/// A watch started at a tick pings at once, so no lock goes longer than an interval, plus the
+/// time to ping, without a ping, as when every lock had its own watch from the start.
+async fn watch_new_locks(inner: Weak<Inner>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let locks = {
+            let mut unwatched = lock(&inner.unwatched);
+            if unwatched.locks.is_empty() {
+                unwatched.ticking = false;
+                return;
+            }
+            std::mem::take(&mut unwatched.locks)
+        };
+        for held in locks {
+            if held.strong_count() > 0 {
+                tokio::spawn(watch_liveness(held, every, Duration::ZERO));
+            }
+        }
+    }
+}
+
+/// Pings a held lock's connection, first after `first`, then every interval, until it is
+/// released, lost, or forgotten.
+async fn watch_liveness(held: Weak<Held>, every: Duration, first: Duration) {
+    let timeout = ping_timeout(every);
+    let mut wait = first;
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = every;
         let Some(held) = held.upgrade() else { return };
         let mut slot = held.conn.lock().await;
         let Some(conn) = slot.as_mut() else { return };
@@ -700,7 +740,11 @@ impl LockBackend for MysqlGetLockBackend {
         let owner = request.owner().as_str();
         let name = self.lock_name(key);
         let sent = SystemTime::now();
-        let mut conn = shared.conn().await?;
+        // The connection the last release gave back (see `Shared::hot_conn`), or the pool's.
+        let (mut conn, mut kept) = match shared.take_kept() {
+            Some(conn) => (conn, true),
+            None => (shared.conn().await?, false),
+        };
         // From here until it is known to hold nothing, this connection is reset if it goes back
         // to the pool (which frees user locks): also when this future is dropped mid-statement
         // (a caller's timeout or select!), after GET_LOCK may have succeeded on the server.
@@ -719,6 +763,14 @@ impl LockBackend for MysqlGetLockBackend {
             // The statement may have taken the lock before failing: end the connection rather
             // than return it to the pool holding a lock.
             let _ = conn.disconnect().await;
+            if std::mem::take(&mut kept) && super::ended(&e) {
+                // The kept connection had ended on the server (nothing ran on it): as the pool's
+                // own check would, take another.
+                tracing::debug!(error = %e, "kept MySQL connection had ended; using the pool's");
+                conn = shared.conn().await?;
+                conn.reset_connection(true);
+                continue;
+            }
             if evicted || server_code(&e) != Some(ER_RECORD_FILE_FULL) {
                 return Err(shared.err(e));
             }
@@ -777,10 +829,17 @@ impl LockBackend for MysqlGetLockBackend {
             lost_at: Mutex::new(None),
         });
         self.held().insert((key.clone(), token), Arc::clone(&held));
-        tokio::spawn(watch_liveness(
-            Arc::downgrade(&held),
-            shared.checked.liveness_interval,
-        ));
+        {
+            let mut unwatched = lock(&self.inner.unwatched);
+            unwatched.locks.push(Arc::downgrade(&held));
+            if !unwatched.ticking {
+                unwatched.ticking = true;
+                tokio::spawn(watch_new_locks(
+                    Arc::downgrade(&self.inner),
+                    shared.checked.liveness_interval,
+                ));
+            }
+        }
         if unclean {
             // The previous holder's session ended without a release: its process was killed,
             // its connection was killed, or the server restarted. In the last two cases that
@@ -875,8 +934,10 @@ impl LockBackend for MysqlGetLockBackend {
         );
         match conn.exec_drop(&self.inner.sql.release, params).await {
             Ok(()) if conn.affected_rows() == 1 => {
-                // The session holds nothing now: back to the pool as it is, statements and all.
+                // The session holds nothing now: kept for the next acquisition, or back to the
+                // pool, as it is, statements and all.
                 conn.reset_connection(false);
+                shared.give_back(conn);
                 tracing::trace!(key = %held.key, token = %held.token, "GET_LOCK released");
                 return Ok(true);
             }
