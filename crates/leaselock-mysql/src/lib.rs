@@ -26,6 +26,16 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Connections
+//!
+//! Each backend instance has its own `mysql_async` pool. A `GET_LOCK` lock holds a connection
+//! of its own until it is released. A table backend's lease operation, and a clean `GET_LOCK`
+//! release, keep their connection for the backend's next operation, for up to a second, instead
+//! of giving it back to the pool (which takes a returned connection in through a recycler task:
+//! a wake-up of another task per statement). A kept connection that has ended on the server
+//! meanwhile (killed, or the server restarted) is replaced from the pool, as the pool's own
+//! check would have.
+//!
 //! # MySQL 8 and MariaDB
 //!
 //! Tested against MariaDB 10.11; written for MySQL 8 too. The differences that matter here:
