@@ -75,18 +75,9 @@ impl HotConn<'_> {
     /// a connection from the pool, whose check would have caught that: a statement sent on a
     /// connection the server had already closed never ran.
     pub(crate) async fn exec_drop(&mut self, sql: &str, params: impl Into<Params>) -> Result<()> {
-        let params = params.into();
-        let outcome = self.deref_mut().exec_drop(sql, params.clone()).await;
-        let outcome = match outcome {
-            Err(e) if self.unproven && ended(&e) => {
-                tracing::debug!(error = %e, "kept MySQL connection had ended; using the pool's");
-                self.conn = Some(self.shared.conn().await?);
-                self.deref_mut().exec_drop(sql, params).await
-            }
-            outcome => outcome,
-        };
-        self.unproven = false;
-        outcome.map_err(|e| self.shared.err(e))
+        self.first_statement(sql, params.into(), false)
+            .await
+            .map(drop)
     }
 
     /// [`HotConn::exec_drop`] for a statement that returns a row.
@@ -95,19 +86,41 @@ impl HotConn<'_> {
         sql: &str,
         params: impl Into<Params>,
     ) -> Result<Option<T>> {
-        let params = params.into();
-        let outcome = self.deref_mut().exec_first(sql, params.clone()).await;
-        let outcome: std::result::Result<Option<Row>, _> = match outcome {
+        let row = self.first_statement(sql, params.into(), true).await?;
+        row.map(|row| self.shared.decode(row)).transpose()
+    }
+
+    /// Runs `sql` (reading its first row if `row`), once more on a pool connection when the
+    /// kept one had ended.
+    async fn first_statement(
+        &mut self,
+        sql: &str,
+        params: Params,
+        row: bool,
+    ) -> Result<Option<Row>> {
+        let outcome = match statement(self.deref_mut(), sql, params.clone(), row).await {
             Err(e) if self.unproven && ended(&e) => {
                 tracing::debug!(error = %e, "kept MySQL connection had ended; using the pool's");
                 self.conn = Some(self.shared.conn().await?);
-                self.deref_mut().exec_first(sql, params).await
+                statement(self.deref_mut(), sql, params, row).await
             }
             outcome => outcome,
         };
         self.unproven = false;
-        let row = outcome.map_err(|e| self.shared.err(e))?;
-        row.map(|row| self.shared.decode(row)).transpose()
+        outcome.map_err(|e| self.shared.err(e))
+    }
+}
+
+/// One statement on `conn`, and its first row if `row`.
+async fn statement(
+    conn: &mut Conn,
+    sql: &str,
+    params: Params,
+    row: bool,
+) -> mysql_async::Result<Option<Row>> {
+    match row {
+        true => conn.exec_first(sql, params).await,
+        false => conn.exec_drop(sql, params).await.map(|()| None),
     }
 }
 

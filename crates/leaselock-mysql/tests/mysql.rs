@@ -737,14 +737,7 @@ async fn get_lock_works_with_an_innodb_holder_table_made_by_hand() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_connection_ended_between_operations_is_replaced_from_the_pool() {
     let Some(url) = url() else { return };
-    // A database of its own, so that its connections can be told from other tests'.
-    let db = format!("leaselock_hot_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = raw_conn(&url).await;
-    admin
-        .query_drop(format!("CREATE DATABASE `{db}`"))
-        .await
-        .unwrap();
-    let opts = OptsBuilder::from_opts(Opts::from_url(&url).unwrap()).db_name(Some(db.clone()));
+    let (mut admin, db, opts) = scratch_database(&url).await;
     let backend = MysqlTableBackend::new(MysqlConfig::new(opts).table("locks")).unwrap();
     backend.init_storage().await.unwrap();
     let k = key("hot");
@@ -769,13 +762,7 @@ async fn a_lease_connection_ended_between_operations_is_replaced_from_the_pool()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_released_get_lock_connection_ended_before_the_next_acquisition_is_replaced() {
     let Some(url) = url() else { return };
-    let db = format!("leaselock_hot_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = raw_conn(&url).await;
-    admin
-        .query_drop(format!("CREATE DATABASE `{db}`"))
-        .await
-        .unwrap();
-    let opts = OptsBuilder::from_opts(Opts::from_url(&url).unwrap()).db_name(Some(db.clone()));
+    let (mut admin, db, opts) = scratch_database(&url).await;
     let config = MysqlConfig::new(opts).table("locks").prefix(&db);
     let backend = MysqlGetLockBackend::new(config).unwrap();
     backend.init_storage().await.unwrap();
@@ -792,6 +779,19 @@ async fn a_released_get_lock_connection_ended_before_the_next_acquisition_is_rep
         .query_drop(format!("DROP DATABASE `{db}`"))
         .await
         .unwrap();
+}
+
+/// A database of its own (so that its connections can be told from other tests'): an admin
+/// connection, its name, and options that connect to it.
+async fn scratch_database(url: &str) -> (Conn, String, OptsBuilder) {
+    let db = format!("leaselock_hot_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = raw_conn(url).await;
+    admin
+        .query_drop(format!("CREATE DATABASE `{db}`"))
+        .await
+        .unwrap();
+    let opts = OptsBuilder::from_opts(Opts::from_url(url).unwrap()).db_name(Some(db.clone()));
+    (admin, db, opts)
 }
 
 /// Ends every connection using database `db`.
