@@ -33,10 +33,11 @@ const MAX_REFRESH_BATCH: usize = 500;
 /// WAL mode, every write takes the database's write lock before it writes anything (acquire and
 /// release are single autocommit statements, which SQLite runs as immediate transactions; the
 /// others run in `BEGIN IMMEDIATE`), and a busy timeout makes a writer wait for another instead
-/// of failing. Expiry is decided by SQLite's clock (the host's), fencing
-/// tokens are kept per key forever (rows are never deleted). Blocking calls run on tokio's
-/// blocking pool, never on the async runtime. A [`leaselock::Locker`] (by default: see its refresh batch window) refreshes the leases that
-/// fall due together in one transaction ([`LockBackend::refresh_many`], up to 500 a batch).
+/// of failing. Expiry is decided by SQLite's clock (the host's), fencing tokens are kept per
+/// key forever (rows are never deleted). A call that may wait (another process has the database
+/// locked) runs on tokio's blocking pool, never on the async runtime. A [`leaselock::Locker`]
+/// (by default: see its refresh batch window) refreshes the leases that fall due together in
+/// one transaction ([`LockBackend::refresh_many`], up to 500 a batch).
 ///
 /// ```no_run
 /// use leaselock::Locker;
@@ -240,9 +241,9 @@ impl SqliteBackend {
     /// must not wait for another process. Every write takes the write lock before writing
     /// anything (a single writing statement in autocommit mode, or `BEGIN IMMEDIATE`), and the
     /// reads change nothing, so an `f` that met a busy database wrote nothing: its outcome is
-    /// dropped and it runs again on the blocking pool, which waits as configured. (A commit here does not wait for the disk either: in WAL
-    /// mode with `synchronous = NORMAL` only the occasional automatic checkpoint syncs, and it
-    /// covers the few pages of a lock table.)
+    /// dropped and it runs again on the blocking pool, which waits as configured. (A commit here
+    /// does not wait for the disk either: in WAL mode with `synchronous = NORMAL` only the
+    /// occasional automatic checkpoint syncs, and it covers the few pages of a lock table.)
     async fn with<T, F>(&self, mut f: F) -> Result<T>
     where
         T: Send + 'static,
