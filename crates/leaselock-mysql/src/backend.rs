@@ -203,10 +203,7 @@ impl Shared {
     /// [`HotConn::keep`] once the statements succeeded; a connection not kept goes back to the
     /// pool.
     pub(crate) async fn hot_conn(&self) -> Result<HotConn<'_>> {
-        let (conn, unproven) = match self.take_kept() {
-            Some(conn) => (conn, true),
-            None => (self.conn().await?, false),
-        };
+        let (conn, unproven) = self.kept_or_pool().await?;
         Ok(HotConn {
             shared: self,
             conn: Some(conn),
@@ -216,12 +213,13 @@ impl Shared {
     }
 
     /// The connection the last operation gave back, if that was under [`HOT_IDLE`] ago (one
-    /// given back longer ago goes to the pool). It may have ended on the server since.
-    pub(crate) fn take_kept(&self) -> Option<Conn> {
+    /// given back longer ago goes to the pool), and `true`: it may have ended on the server
+    /// since. Else one from the pool, and `false`.
+    pub(crate) async fn kept_or_pool(&self) -> Result<(Conn, bool)> {
         let cached = self.hot.lock().unwrap_or_else(|p| p.into_inner()).take();
         match cached {
-            Some((conn, since)) if since.elapsed() < HOT_IDLE => Some(conn),
-            _ => None,
+            Some((conn, since)) if since.elapsed() < HOT_IDLE => Ok((conn, true)),
+            _ => Ok((self.conn().await?, false)),
         }
     }
 

@@ -72,11 +72,8 @@ impl LostSignal {
         }
     }
 
-    /// A signal that never fires (for a disabled locker).
-    fn never() -> Self {
-        Self::new()
-    }
-
+    /// A signal that has not fired; only its guard's `Held` can fire it, so a disabled locker's
+    /// (which has none) never does.
     fn new() -> Self {
         Self {
             state: Arc::default(),
@@ -313,7 +310,7 @@ impl LockGuard {
                 owner,
                 token: FencingToken::new(0),
                 held: None,
-                lost: LostSignal::never(),
+                lost: LostSignal::new(),
             },
             daemon: None,
         }

@@ -249,13 +249,13 @@ impl Slot {
     /// Starts the daemon, if the slot still waits. `fired`: the watch already resolved.
     fn start(&self, fired: bool) {
         let mut inner = lock(&self.inner);
-        if !matches!(*inner, SlotState::Waiting { .. }) {
-            return; // stopped or started already
-        }
-        let SlotState::Waiting { start, watch } =
-            std::mem::replace(&mut *inner, SlotState::Stopped)
-        else {
-            unreachable!("checked just above, under the same lock");
+        let (start, watch) = match std::mem::replace(&mut *inner, SlotState::Stopped) {
+            SlotState::Waiting { start, watch } => (start, watch),
+            // Stopped or started already: as it was.
+            other => {
+                *inner = other;
+                return;
+            }
         };
         let watch: Wakeup = match (fired, watch) {
             (true, _) => Box::pin(std::future::ready(())),
@@ -289,10 +289,6 @@ impl Slot {
             self.woken.store(false, Ordering::SeqCst);
             let mut cx = Context::from_waker(&self.waker);
             if watch.as_mut().poll(&mut cx).is_ready() {
-                // Put it back so `start` does not mistake it for one being polled.
-                if let SlotState::Waiting { watch: slot, .. } = &mut *lock(&self.inner) {
-                    *slot = Some(watch);
-                }
                 self.start(true);
                 return;
             }

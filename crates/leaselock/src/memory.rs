@@ -66,6 +66,11 @@ impl Default for Entry {
 }
 
 impl Entry {
+    /// Whether `lease` holds this key (expired or not).
+    fn held_by(&self, lease: &Lease) -> bool {
+        self.holder.as_ref().is_some_and(|h| h.matches(lease))
+    }
+
     /// Takes the holder away, telling whoever listens.
     fn clear(&mut self) -> Option<Holder> {
         let holder = self.holder.take();
@@ -342,24 +347,20 @@ impl LockBackend for MemoryBackend {
 
     fn watch_lost(&self, lease: &Lease) -> Option<Wakeup> {
         // Subscribed under the same lock that shows the lease held, so no loss falls between.
-        let keys = self.keys().ok()?;
-        let entry = keys.get(&lease.key)?;
-        let held = entry.holder.as_ref().is_some_and(|h| h.matches(lease));
-        let mut rx = entry.gone.subscribe();
-        drop(keys);
+        // Not held (or no store) resolves at once.
+        let rx = self.keys().ok().and_then(|keys| {
+            let entry = keys.get(&lease.key)?;
+            entry.held_by(lease).then(|| entry.gone.subscribe())
+        });
         let this = self.clone();
         let lease = lease.clone();
         Some(Box::pin(async move {
-            if !held {
-                return;
-            }
+            let Some(mut rx) = rx else { return };
             // A holder of this key went; was it this lease?
             while rx.changed().await.is_ok() {
-                let still_held = this.keys().is_ok_and(|keys| {
-                    keys.get(&lease.key)
-                        .and_then(|e| e.holder.as_ref())
-                        .is_some_and(|h| h.matches(&lease))
-                });
+                let still_held = this
+                    .keys()
+                    .is_ok_and(|keys| keys.get(&lease.key).is_some_and(|e| e.held_by(&lease)));
                 if !still_held {
                     return;
                 }

@@ -639,41 +639,48 @@ async fn watch_new_locks(inner: Weak<Inner>, every: Duration) {
         };
         for held in locks {
             if held.strong_count() > 0 {
-                tokio::spawn(watch_liveness(held, every, Duration::ZERO));
+                tokio::spawn(watch_liveness(held, every));
             }
         }
     }
 }
 
-/// Pings a held lock's connection, first after `first`, then every interval, until it is
-/// released, lost, or forgotten.
-async fn watch_liveness(held: Weak<Held>, every: Duration, first: Duration) {
+/// Pings a held lock's connection at once, then every interval, until it is released, lost, or
+/// forgotten.
+async fn watch_liveness(held: Weak<Held>, every: Duration) {
     let timeout = ping_timeout(every);
-    let mut wait = first;
     loop {
-        tokio::time::sleep(wait).await;
-        wait = every;
-        let Some(held) = held.upgrade() else { return };
-        let mut slot = held.conn.lock().await;
-        let Some(conn) = slot.as_mut() else { return };
-        if held.lost_reason().is_some() {
-            if let Some(conn) = slot.take() {
-                discard(conn);
-            }
+        let Some(strong) = held.upgrade() else { return };
+        if !ping_held(&strong, timeout).await {
             return;
         }
-        let reason = match tokio::time::timeout(timeout, conn.ping()).await {
-            Ok(Ok(())) => continue,
-            Ok(Err(e)) => format!(
-                "the connection holding the lock ended (killed on the server, or dropped): {e}"
-            ),
-            Err(_) => {
-                format!("the connection holding the lock did not answer a ping in {timeout:?}")
-            }
-        };
-        held.mark_lost(&reason, slot.take());
-        return;
+        drop(strong);
+        tokio::time::sleep(every).await;
     }
+}
+
+/// One liveness ping of `held`'s connection: `false` once there is nothing left to watch
+/// (released, lost before, or found dead now, which marks it lost).
+async fn ping_held(held: &Held, timeout: Duration) -> bool {
+    let mut slot = held.conn.lock().await;
+    let Some(conn) = slot.as_mut() else {
+        return false;
+    };
+    if held.lost_reason().is_some() {
+        if let Some(conn) = slot.take() {
+            discard(conn);
+        }
+        return false;
+    }
+    let reason = match tokio::time::timeout(timeout, conn.ping()).await {
+        Ok(Ok(())) => return true,
+        Ok(Err(e)) => {
+            format!("the connection holding the lock ended (killed on the server, or dropped): {e}")
+        }
+        Err(_) => format!("the connection holding the lock did not answer a ping in {timeout:?}"),
+    };
+    held.mark_lost(&reason, slot.take());
+    false
 }
 
 impl fmt::Debug for MysqlGetLockBackend {
@@ -741,10 +748,7 @@ impl LockBackend for MysqlGetLockBackend {
         let name = self.lock_name(key);
         let sent = SystemTime::now();
         // The connection the last release gave back (see `Shared::hot_conn`), or the pool's.
-        let (mut conn, mut kept) = match shared.take_kept() {
-            Some(conn) => (conn, true),
-            None => (shared.conn().await?, false),
-        };
+        let (mut conn, mut kept) = shared.kept_or_pool().await?;
         // From here until it is known to hold nothing, this connection is reset if it goes back
         // to the pool (which frees user locks): also when this future is dropped mid-statement
         // (a caller's timeout or select!), after GET_LOCK may have succeeded on the server.
