@@ -127,7 +127,7 @@ impl Conn {
         params: &[Param<'_>],
     ) -> Option<std::result::Result<Statement, tokio_postgres::Error>> {
         let cache = self.statements.as_ref()?;
-        if let Some(statement) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(sql) {
+        if let Some(statement) = lock(cache).get(sql) {
             return Some(Ok(statement.clone()));
         }
         let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
@@ -135,7 +135,7 @@ impl Conn {
             Ok(statement) => statement,
             Err(e) => return Some(Err(e)),
         };
-        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = lock(cache);
         if cache.len() < STATEMENT_CACHE_CAPACITY {
             cache.insert(sql.to_owned(), statement.clone());
         }
@@ -271,6 +271,10 @@ pub(crate) struct Shared {
     control: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
     next: AtomicUsize,
     listener: tokio::sync::Mutex<Option<Listener>>,
+    /// How many live release watches this backend has per key. An acquisition that finds its
+    /// key held marks the key wanted only when somebody here waits for it, so that a release
+    /// sends `pg_notify` only when a waiter can hear it.
+    watched: Arc<Mutex<HashMap<Arc<str>, usize>>>,
 }
 
 struct Listener {
@@ -301,6 +305,7 @@ impl Shared {
                 .collect(),
             next: AtomicUsize::new(0),
             listener: tokio::sync::Mutex::new(None),
+            watched: Arc::default(),
         })
     }
 
@@ -488,9 +493,82 @@ impl Shared {
             }
         };
         drop(listener);
-        let key: Arc<str> = Arc::from(key.as_str());
-        Ok(Some(Box::pin(wait_for_key(events, closed, key))))
+        let watch = Watch::new(&self.watched, key);
+        Ok(Some(Box::pin(async move {
+            wait_for_key(events, closed, &watch.key).await;
+            drop(watch);
+        })))
     }
+
+    /// Whether a release watch of this backend (a waiter of this process) is live for `key`.
+    pub(crate) fn watching(&self, key: &LockKey) -> bool {
+        lock(&self.watched).contains_key(key.as_str())
+    }
+}
+
+/// A live release watch, counted in [`Shared::watching`] until it is dropped.
+struct Watch {
+    watched: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    key: Arc<str>,
+}
+
+impl Watch {
+    fn new(watched: &Arc<Mutex<HashMap<Arc<str>, usize>>>, key: &LockKey) -> Self {
+        let key: Arc<str> = Arc::from(key.as_str());
+        *lock(watched).entry(Arc::clone(&key)).or_default() += 1;
+        Self {
+            watched: Arc::clone(watched),
+            key,
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut watched = lock(&self.watched);
+        if let Some(count) = watched.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                watched.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Locks `mutex`. Nothing guarded here can be left half-written by a panic: recover.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The `wanted` column of both backends' holder rows: set when an acquisition by somebody who
+/// will wait finds the key held, cleared by the next acquisition. A release notifies only when
+/// it is set: the commit of a transaction that notifies is serialized across the database, which
+/// under contention costs more than the rest of the release.
+pub(crate) const WANTED: &str = "boolean NOT NULL DEFAULT false";
+
+/// DDL (a `DO` block, for [`Shared::init`]) that adds `column` (`definition`) to `table` when
+/// the table has every one of `earlier` (it is ours, made by an earlier version) but not
+/// `column`. Any other table of that name is left alone, for the storage check to refuse. The
+/// names are validated identifiers and constants.
+pub(crate) fn add_column(table: &str, earlier: &[&str], column: &str, definition: &str) -> String {
+    let earlier_list = earlier
+        .iter()
+        .map(|c| format!("'{c}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "DO $leaselock$ BEGIN \
+           IF (SELECT count(*) FROM pg_attribute \
+                WHERE attrelid = '{table}'::regclass AND NOT attisdropped \
+                  AND attname IN ({earlier_list})) = {n} \
+              AND NOT EXISTS (SELECT 1 FROM pg_attribute \
+                WHERE attrelid = '{table}'::regclass AND NOT attisdropped \
+                  AND attname = '{column}') THEN \
+             ALTER TABLE {table} ADD COLUMN {column} {definition}; \
+           END IF; \
+         END $leaselock$;",
+        n = earlier.len()
+    )
 }
 
 /// The errors concurrent `CREATE … IF NOT EXISTS` can raise: a unique violation in the catalog,
@@ -508,12 +586,12 @@ fn is_duplicate_object(error: &tokio_postgres::Error) -> bool {
 async fn wait_for_key(
     mut events: broadcast::Receiver<Arc<str>>,
     closed: impl Future<Output = ()>,
-    key: Arc<str>,
+    key: &str,
 ) {
     let matching = async {
         loop {
             match events.recv().await {
-                Ok(released) if released == key => return,
+                Ok(released) if &*released == key => return,
                 Ok(_) => continue,
                 // Missed some: one of them may have been ours. Closed: the listener is gone.
                 Err(_) => return,

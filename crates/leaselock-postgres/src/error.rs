@@ -24,11 +24,21 @@ pub(crate) fn driver(backend: &'static str, what: &str, error: tokio_postgres::E
             what: format!("{what}: {}", db_message(&error)),
         };
     }
+    if code == SqlState::UNDEFINED_COLUMN {
+        // A table made by an earlier version lacks a column this one uses.
+        return Error::NotInitialized {
+            backend,
+            what: format!(
+                "{what}: {}; init_storage adds the columns this version needs to a table \
+                 made by an earlier version",
+                db_message(&error)
+            ),
+        };
+    }
     if code == SqlState::INSUFFICIENT_PRIVILEGE
         || code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
         || code == SqlState::INVALID_PASSWORD
         || code == SqlState::INVALID_CATALOG_NAME
-        || code == SqlState::UNDEFINED_COLUMN
     {
         return Error::NotAccessible {
             backend,

@@ -387,6 +387,209 @@ async fn release_wakes_waiter_through_notify() {
     }
 }
 
+/// Whether `wakeup` has fired, polled once.
+fn fired(wakeup: &mut leaselock::Wakeup) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    wakeup.as_mut().poll(&mut cx).is_ready()
+}
+
+/// A release sends `pg_notify` (whose commit is serialized across the database) only when a
+/// waiter marked the key: a key nobody waits for is released without a notification.
+#[tokio::test]
+async fn a_release_notifies_only_when_somebody_waits() {
+    let Some(url) = pg_url() else { return };
+    let ns = fresh("quiet");
+    let trios: Vec<[Arc<dyn LockBackend>; 3]> = vec![
+        [
+            Arc::new(advisory(&url, &ns).await),
+            Arc::new(advisory(&url, &ns).await),
+            Arc::new(advisory(&url, &ns).await),
+        ],
+        [
+            Arc::new(table(&url, &ns).await),
+            Arc::new(table(&url, &ns).await),
+            Arc::new(table(&url, &ns).await),
+        ],
+    ];
+    for [holder, observer, waiter] in trios {
+        let name = holder.capabilities().backend;
+        let (quiet, waited) = (key("quiet"), key("waited"));
+        // The observer listens for both keys and never tries to take them: it marks nothing.
+        let mut quiet_wakeup = observer.watch_release(&quiet).await.unwrap().unwrap();
+        let mut waited_wakeup = observer.watch_release(&waited).await.unwrap().unwrap();
+
+        let held = acquire(&*holder, &request(&quiet, &owner("holder"))).await;
+        assert!(holder.release(&held).await.unwrap());
+
+        let held = acquire(&*holder, &request(&waited, &owner("holder"))).await;
+        let _watch = waiter.watch_release(&waited).await.unwrap();
+        let refused = waiter
+            .try_acquire(&request(&waited, &owner("waiter")))
+            .await
+            .unwrap();
+        assert!(matches!(refused, AcquireOutcome::Held(Some(_))), "{name}");
+        assert!(holder.release(&held).await.unwrap());
+        tokio::time::timeout(Duration::from_secs(10), &mut waited_wakeup)
+            .await
+            .unwrap_or_else(|_| panic!("{name}: a release somebody waits for notifies"));
+        // Notifications reach the observer's one listening connection in commit order: the
+        // first release's would have arrived before the second's.
+        assert!(
+            !fired(&mut quiet_wakeup),
+            "{name}: a release nobody waits for sends no notification"
+        );
+    }
+}
+
+/// The advisory release clears the holder row before it unlocks, and a waiter's mark comes
+/// after its refused attempt: when the release clears the row between the two, the release saw
+/// no mark and notifies nobody, so the waiter must find that out and try again at once. Here a
+/// row lock held from outside holds the release just before it clears, the waiter's attempt is
+/// refused and its mark queues behind the release, and then both go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advisory_waiter_that_marks_a_vacated_row_tries_again() {
+    let Some(url) = pg_url() else { return };
+    let ns = fresh("vacated");
+    let holder = Arc::new(advisory(&url, &ns).await);
+    let waiter = Arc::new(advisory(&url, &ns).await);
+    let k = key("vacated");
+    let held = acquire(&*holder, &request(&k, &owner("holder"))).await;
+    let admin = raw(&url).await;
+    let holders = format!("\"{ns}_holders\"");
+    let holder_pid: i32 = admin
+        .query_one(
+            &format!("SELECT pid FROM {holders} WHERE prefix = $1 AND key = $2"),
+            &[&ns, &k.as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut blocker = raw(&url).await;
+    let row_lock = blocker.transaction().await.unwrap();
+    row_lock
+        .execute(
+            &format!("SELECT 1 FROM {holders} WHERE prefix = $1 AND key = $2 FOR UPDATE"),
+            &[&ns, &k.as_str()],
+        )
+        .await
+        .unwrap();
+    let waiting_for_a_lock = |condition: &'static str, param: Option<i32>| {
+        let admin = &admin;
+        async move {
+            let sql = format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND {condition}"
+            );
+            for _ in 0..1000 {
+                let n: i64 = match param {
+                    Some(p) => admin.query_one(&sql, &[&p]).await,
+                    None => admin.query_one(&sql, &[]).await,
+                }
+                .unwrap()
+                .get(0);
+                if n > 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("nothing came to wait for a lock: {condition}");
+        }
+    };
+
+    let release = {
+        let (holder, held) = (Arc::clone(&holder), held.clone());
+        tokio::spawn(async move { holder.release(&held).await })
+    };
+    waiting_for_a_lock("pid = $1", Some(holder_pid)).await;
+    let _watch = waiter.watch_release(&k).await.unwrap();
+    let attempt = {
+        let (waiter, k) = (Arc::clone(&waiter), k.clone());
+        tokio::spawn(async move { waiter.try_acquire(&request(&k, &owner("waiter"))).await })
+    };
+    waiting_for_a_lock("query LIKE '%marked AS MATERIALIZED%'", None).await;
+    row_lock.commit().await.unwrap();
+
+    assert!(release.await.unwrap().unwrap(), "the holder released");
+    match attempt.await.unwrap().unwrap() {
+        AcquireOutcome::Acquired(lease) => {
+            assert!(lease.token > held.token);
+            assert!(waiter.release(&lease).await.unwrap());
+        }
+        AcquireOutcome::Held(holder) => {
+            panic!(
+                "the mark found the row vacated, so the waiter tries again; got Held({holder:?})"
+            )
+        }
+    }
+}
+
+/// A lease table or holder table made before the `wanted` column gets it from `init_storage`,
+/// keeping its rows; before that, the storage check says what to do. A table of the same name
+/// that is not leaselock's is left alone.
+#[tokio::test]
+async fn init_storage_adds_the_wanted_column_to_an_earlier_versions_tables() {
+    let Some(url) = pg_url() else { return };
+    let ns = fresh("wanted");
+    let client = raw(&url).await;
+    let k = key("upgrade");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE \"{ns}_leases\" (key text PRIMARY KEY, owner text, \
+               token bigint NOT NULL CHECK (token > 0), acquired_at timestamptz, \
+               expires_at timestamptz); \
+             CREATE TABLE \"{ns}\" (prefix text NOT NULL, key text NOT NULL, \
+               lock_id bigint NOT NULL, token bigint NOT NULL CHECK (token > 0), \
+               PRIMARY KEY (prefix, key)); \
+             CREATE UNLOGGED TABLE \"{ns}_holders\" (prefix text NOT NULL, key text NOT NULL, \
+               lock_id bigint NOT NULL, token bigint NOT NULL CHECK (token > 0), owner text, \
+               acquired_at timestamptz, pid integer, PRIMARY KEY (prefix, key)); \
+             CREATE TABLE \"{ns}_other_leases\" (key text PRIMARY KEY, note text);"
+        ))
+        .await
+        .unwrap();
+    client
+        .execute(
+            &format!("INSERT INTO \"{ns}_leases\" VALUES ($1, NULL, 41, NULL, NULL)"),
+            &[&k.as_str()],
+        )
+        .await
+        .unwrap();
+    let config = |table: String| PgConfig::from_url(&url).unwrap().table(&table).unwrap();
+    let leases = PgTableBackend::new(config(format!("{ns}_leases"))).unwrap();
+    let sessions = PgAdvisoryBackend::new(config(ns.clone()).prefix(&ns).unwrap()).unwrap();
+    let backends: [&dyn LockBackend; 2] = [&leases, &sessions];
+    for backend in backends {
+        match backend.check_storage().await {
+            Err(Error::NotInitialized { what, .. }) => {
+                assert!(
+                    what.contains("wanted") && what.contains("init_storage"),
+                    "{what}"
+                )
+            }
+            other => panic!("expected NotInitialized, got {other:?}"),
+        }
+        backend.init_storage().await.unwrap();
+        backend.check_storage().await.unwrap();
+    }
+    let lease = acquire(&leases, &request(&k, &owner("a"))).await;
+    assert_eq!(lease.token.get(), 42, "the row's token is kept");
+    assert!(leases.release(&lease).await.unwrap());
+    let lease = acquire(&sessions, &request(&k, &owner("a"))).await;
+    assert!(sessions.release(&lease).await.unwrap());
+
+    let other = PgTableBackend::new(config(format!("{ns}_other_leases"))).unwrap();
+    assert!(other.init_storage().await.is_err());
+    let columns: i64 = client
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns \
+              WHERE table_name = $1 AND column_name = 'wanted'",
+            &[&format!("{ns}_other_leases")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(columns, 0, "a table that is not leaselock's gets no column");
+}
+
 /// A session holding the same advisory lock outside leaselock (another tool, a blocking
 /// `pg_advisory_lock`) makes acquisition return `Held` at once, never wait; status shows it and
 /// force release ends it.

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -13,19 +13,31 @@ use leaselock::{
 use tokio_postgres::types::Type;
 use tokio_postgres::Row;
 
-use super::{advisory_key, channel_name, key, lock_match, owner, run, token, Conn, Shared};
+use super::{advisory_key, channel_name, key, lock, lock_match, owner, run, token, Conn, Shared};
 use crate::config::{PgConfig, DEFAULT_COUNTER_TABLE};
 use crate::error;
 
 const NAME: &str = "postgres-advisory";
 const COLUMNS: &str = "prefix, key, lock_id, token";
-const HOLDER_COLUMNS: &str = "prefix, key, lock_id, token, owner, acquired_at, pid";
+const HOLDER_COLUMNS: &str = "prefix, key, lock_id, token, owner, acquired_at, pid, wanted";
+/// The columns of a holder table made before `wanted`, which `init_storage` adds to it.
+const EARLIER_HOLDER_COLUMNS: &[&str] = &[
+    "prefix",
+    "key",
+    "lock_id",
+    "token",
+    "owner",
+    "acquired_at",
+    "pid",
+];
 /// The holder table's name: the counter table's with this appended.
 const HOLDER_SUFFIX: &str = "_holders";
 /// How far ahead of the last token issued for a key the counter table reserves, durably. Every
 /// this many acquisitions of a key, one waits for a log flush; a crash skips at most this many
 /// tokens.
 const TOKEN_BLOCK: i64 = 1000;
+/// How many times an acquisition runs when its mark finds the holder gone (see `try_acquire`).
+const ACQUIRE_ATTEMPTS: u32 = 3;
 
 /// Session advisory locks (`pg_try_advisory_lock`), each held on its own dedicated connection,
 /// with fencing tokens from a holder table backed by a durable counter table.
@@ -47,7 +59,7 @@ const TOKEN_BLOCK: i64 = 1000;
 ///   which usually refuses before anything is locked.
 /// - **Fencing tokens, without a log flush per lock.** The statement that takes the lock, only
 ///   when it was taken, records the holder and the key's next token in the *holder table*
-///   (`prefix, key, lock_id, token, owner, acquired_at, pid`; the counter table's name with
+///   (`prefix, key, lock_id, token, owner, acquired_at, pid, wanted`; the counter table's name with
 ///   `_holders` appended), an `UNLOGGED` table: writing it waits for no disk, like the lock
 ///   itself. The *counter table* (`prefix, key, lock_id, token`; default name
 ///   [`DEFAULT_COUNTER_TABLE`]) holds, durably, a token no holder of the key has reached: the same
@@ -57,7 +69,12 @@ const TOKEN_BLOCK: i64 = 1000;
 ///   only grow, across crashes too, and a crash skips at most 1,000 of them. The holder table
 ///   also names the holder for [`LockBackend::status`] and [`LockBackend::list`], which combine
 ///   it with `pg_locks`.
-/// - **Wake-ups.** Release sends `pg_notify` in the same statement as `pg_advisory_unlock`.
+/// - **Wake-ups.** Release sends `pg_notify` in the same statement as `pg_advisory_unlock`, when
+///   a waiter is listening: an acquisition refused while its caller waits (a live
+///   [`LockBackend::watch_release`] in the same backend) marks the holder row `wanted`, and the
+///   next acquisition clears it. A release nobody waits for sends nothing, because PostgreSQL
+///   serializes the commits of all notifying transactions in a database. `init_storage` adds
+///   the `wanted` column to a holder table made by an earlier version.
 ///
 /// A lease can be released, refreshed and verified only through the backend instance that
 /// acquired it (the lock lives on that instance's session); from elsewhere use
@@ -119,13 +136,6 @@ impl fmt::Debug for PgAdvisoryBackend {
             .field("held", &lock(&self.inner.held).len())
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing here can be left half-written by a panic: recover.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn conv(e: tokio_postgres::Error) -> Error {
@@ -387,6 +397,79 @@ fn holder_info(
     Ok(Some(info))
 }
 
+impl PgAdvisoryBackend {
+    /// The acquisition statement; with `mark`, a refused attempt marks the holder row `wanted`.
+    ///
+    /// One statement: take the lock (only if the session still reaches the process it reached
+    /// before); only if it was taken, record the holder with the key's next token (the last one
+    /// plus 1, or above the durable reservation when the holder table has no row for the key:
+    /// a new key, or a crash emptied it), clear `wanted`, and raise the reservation when the
+    /// token passes it; else read the holder (and mark it). The token is computed in
+    /// `DO UPDATE`, which reads the row's latest version, never the statement's snapshot: a
+    /// holder that came and went between the snapshot and the lock is counted. The reservation
+    /// may be read stale (it only grows), which can only raise it once more than needed. Only a
+    /// raise writes a logged table, so only then does the commit wait for the log flush.
+    /// (`raised` runs although nothing reads it: PostgreSQL runs every data-modifying WITH to
+    /// completion.) The mark updates the row's latest version: `vacated` says it found the
+    /// holder gone.
+    fn acquire_sql(&self, mark: bool) -> String {
+        let (marked, vacated) = if mark {
+            (
+                format!(
+                    "marked AS MATERIALIZED ( \
+                       UPDATE {h} SET wanted = true \
+                        WHERE prefix = $2 AND key = $3 AND NOT EXISTS (SELECT 1 FROM bump) \
+                       RETURNING owner \
+                     ), ",
+                    h = self.h()
+                ),
+                "EXISTS (SELECT 1 FROM marked WHERE owner IS NULL)",
+            )
+        } else {
+            (String::new(), "false")
+        };
+        format!(
+            "WITH me AS MATERIALIZED (SELECT pg_backend_pid() AS pid), \
+             attempt AS MATERIALIZED ( \
+               SELECT pg_try_advisory_lock($1) AS locked FROM me WHERE me.pid = $5 \
+             ), \
+             reserved AS MATERIALIZED ( \
+               SELECT coalesce((SELECT c.token FROM {t} c WHERE c.prefix = $2 AND c.key = $3), 0) \
+                 AS token \
+             ), \
+             bump AS MATERIALIZED ( \
+               INSERT INTO {h} AS h (prefix, key, lock_id, token, owner, acquired_at, pid) \
+               SELECT $2, $3, $1, r.token + 1, $4, now(), me.pid \
+                 FROM me, attempt, reserved r WHERE attempt.locked \
+               ON CONFLICT (prefix, key) DO UPDATE \
+                 SET token = h.token + 1, lock_id = EXCLUDED.lock_id, owner = EXCLUDED.owner, \
+                     acquired_at = EXCLUDED.acquired_at, pid = EXCLUDED.pid, wanted = false \
+               RETURNING h.token, h.acquired_at \
+             ), {marked}\
+             raised AS ( \
+               INSERT INTO {t} AS c (prefix, key, lock_id, token) \
+               SELECT $2, $3, $1, b.token + {block} FROM bump b, reserved r WHERE b.token > r.token \
+               ON CONFLICT (prefix, key) DO UPDATE \
+                 SET token = greatest(c.token, EXCLUDED.token), lock_id = EXCLUDED.lock_id \
+               RETURNING 1 \
+             ) \
+             SELECT me.pid, coalesce((SELECT locked FROM attempt), false) AS locked, \
+                    b.token AS new_token, b.acquired_at AS new_acquired_at, \
+                    o.owner, o.token, o.acquired_at, o.pid, \
+                    (SELECT l.pid FROM pg_locks l WHERE b.token IS NULL AND {m} AND l.granted \
+                      LIMIT 1) AS holder_pid, \
+                    {vacated} AS vacated \
+               FROM me \
+               LEFT JOIN bump b ON true \
+               LEFT JOIN {h} o ON b.token IS NULL AND o.prefix = $2 AND o.key = $3",
+            t = self.t(),
+            h = self.h(),
+            block = TOKEN_BLOCK - 1,
+            m = lock_match("$1")
+        )
+    }
+}
+
 #[async_trait]
 impl LockBackend for PgAdvisoryBackend {
     fn capabilities(&self) -> Capabilities {
@@ -415,10 +498,12 @@ impl LockBackend for PgAdvisoryBackend {
                 owner text, \
                 acquired_at timestamptz, \
                 pid integer, \
+                wanted boolean NOT NULL DEFAULT false, \
                 PRIMARY KEY (prefix, key) \
-             );",
+             ); {upgrade}",
             t = self.t(),
-            h = self.h()
+            h = self.h(),
+            upgrade = super::add_column(self.h(), EARLIER_HOLDER_COLUMNS, "wanted", super::WANTED)
         );
         self.shared().init(&ddl, self.shared().schema()).await?;
         self.check_storage().await
@@ -434,101 +519,67 @@ impl LockBackend for PgAdvisoryBackend {
         let k = request.key();
         let id = self.lock_id(k);
         let session = self.take_session().await?;
-        // One statement: take the lock (only if the session still reaches the process it reached
-        // before); only if it was taken, record the holder with the key's next token (the last
-        // one + 1, or above the durable reservation when the holder table has no row for the key:
-        // a new key, or a crash emptied it), and raise the reservation when the token passes it;
-        // else read the holder. The token is computed in `DO UPDATE`, which reads the row's
-        // latest version, never the statement's snapshot: a holder that came and went between
-        // the snapshot and the lock is counted. The reservation may be read stale (it only
-        // grows), which can only raise it once more than needed. Only a raise writes a logged
-        // table, so only then does the commit wait for the log flush. (`raised` runs although
-        // nothing reads it: PostgreSQL runs every data-modifying WITH to completion.)
-        let sql = format!(
-            "WITH me AS MATERIALIZED (SELECT pg_backend_pid() AS pid), \
-             attempt AS MATERIALIZED ( \
-               SELECT pg_try_advisory_lock($1) AS locked FROM me WHERE me.pid = $5 \
-             ), \
-             reserved AS MATERIALIZED ( \
-               SELECT coalesce((SELECT c.token FROM {t} c WHERE c.prefix = $2 AND c.key = $3), 0) \
-                 AS token \
-             ), \
-             bump AS MATERIALIZED ( \
-               INSERT INTO {h} AS h (prefix, key, lock_id, token, owner, acquired_at, pid) \
-               SELECT $2, $3, $1, r.token + 1, $4, now(), me.pid \
-                 FROM me, attempt, reserved r WHERE attempt.locked \
-               ON CONFLICT (prefix, key) DO UPDATE \
-                 SET token = h.token + 1, lock_id = EXCLUDED.lock_id, owner = EXCLUDED.owner, \
-                     acquired_at = EXCLUDED.acquired_at, pid = EXCLUDED.pid \
-               RETURNING h.token, h.acquired_at \
-             ), \
-             raised AS ( \
-               INSERT INTO {t} AS c (prefix, key, lock_id, token) \
-               SELECT $2, $3, $1, b.token + {block} FROM bump b, reserved r WHERE b.token > r.token \
-               ON CONFLICT (prefix, key) DO UPDATE \
-                 SET token = greatest(c.token, EXCLUDED.token), lock_id = EXCLUDED.lock_id \
-               RETURNING 1 \
-             ) \
-             SELECT me.pid, coalesce((SELECT locked FROM attempt), false) AS locked, \
-                    b.token AS new_token, b.acquired_at AS new_acquired_at, \
-                    o.owner, o.token, o.acquired_at, o.pid, \
-                    (SELECT l.pid FROM pg_locks l WHERE b.token IS NULL AND {m} AND l.granted \
-                      LIMIT 1) AS holder_pid \
-               FROM me \
-               LEFT JOIN bump b ON true \
-               LEFT JOIN {h} o ON b.token IS NULL AND o.prefix = $2 AND o.key = $3",
-            t = self.t(),
-            h = self.h(),
-            block = TOKEN_BLOCK - 1,
-            m = lock_match("$1")
-        );
-        let outcome = run(
-            NAME,
-            self.shared().operation_timeout,
-            &session.conn,
-            "try_acquire",
-            &sql,
-            &[
-                (&id, Type::INT8),
-                (&self.inner.prefix, Type::TEXT),
-                (&k.as_str(), Type::TEXT),
-                (&request.owner().as_str(), Type::TEXT),
-                (&session.pid, Type::INT4),
-            ],
-        )
-        .await;
-        // On any error the session's state is unknown (a session lock survives a failed
-        // statement): drop it, which frees whatever it holds.
-        let rows = outcome?;
-        let row = rows
-            .first()
-            .ok_or_else(|| Error::permanent(NAME, "try_acquire returned no row"))?;
-        let pid: i32 = row.try_get("pid").map_err(conv)?;
-        if pid != session.pid {
-            return Err(error::pooler(
+        // Somebody in this process waits for the key (a live release watch): a refused attempt
+        // marks the holder row `wanted`, so that the release notifies. See `release` for why
+        // no mark is missed.
+        let mark = self.shared().watching(k);
+        let sql = self.acquire_sql(mark);
+        let mut attempt = 1;
+        loop {
+            let outcome = run(
                 NAME,
-                &format!(
-                    "a lock session reached server process {} and then process {pid}",
-                    session.pid
-                ),
-            ));
+                self.shared().operation_timeout,
+                &session.conn,
+                "try_acquire",
+                &sql,
+                &[
+                    (&id, Type::INT8),
+                    (&self.inner.prefix, Type::TEXT),
+                    (&k.as_str(), Type::TEXT),
+                    (&request.owner().as_str(), Type::TEXT),
+                    (&session.pid, Type::INT4),
+                ],
+            )
+            .await;
+            // On any error the session's state is unknown (a session lock survives a failed
+            // statement): drop it, which frees whatever it holds.
+            let rows = outcome?;
+            let row = rows
+                .first()
+                .ok_or_else(|| Error::permanent(NAME, "try_acquire returned no row"))?;
+            let pid: i32 = row.try_get("pid").map_err(conv)?;
+            if pid != session.pid {
+                return Err(error::pooler(
+                    NAME,
+                    &format!(
+                        "a lock session reached server process {} and then process {pid}",
+                        session.pid
+                    ),
+                ));
+            }
+            if row.try_get::<_, bool>("locked").map_err(conv)? {
+                let raw_token: i64 = row.try_get("new_token").map_err(conv)?;
+                let acquired_at: SystemTime = row.try_get("new_acquired_at").map_err(conv)?;
+                let lease = Lease::new(
+                    k.clone(),
+                    request.owner().clone(),
+                    token(NAME, raw_token)?,
+                    acquired_at,
+                );
+                lock(&self.inner.held).insert(lease_id(&lease), session);
+                return Ok(AcquireOutcome::Acquired(lease));
+            }
+            // The holder released between our attempt and our mark, so its release saw no
+            // mark and sent no notification: try again at once rather than wait for a poll.
+            if row.try_get::<_, bool>("vacated").map_err(conv)? && attempt < ACQUIRE_ATTEMPTS {
+                attempt += 1;
+                continue;
+            }
+            let holder_pid: Option<i32> = row.try_get("holder_pid").map_err(conv)?;
+            let info = holder_info(k, row, 4, holder_pid)?;
+            self.put_idle(session);
+            return Ok(AcquireOutcome::Held(info));
         }
-        if row.try_get::<_, bool>("locked").map_err(conv)? {
-            let raw_token: i64 = row.try_get("new_token").map_err(conv)?;
-            let acquired_at: SystemTime = row.try_get("new_acquired_at").map_err(conv)?;
-            let lease = Lease::new(
-                k.clone(),
-                request.owner().clone(),
-                token(NAME, raw_token)?,
-                acquired_at,
-            );
-            lock(&self.inner.held).insert(lease_id(&lease), session);
-            return Ok(AcquireOutcome::Acquired(lease));
-        }
-        let holder_pid: Option<i32> = row.try_get("holder_pid").map_err(conv)?;
-        let info = holder_info(k, row, 4, holder_pid)?;
-        self.put_idle(session);
-        Ok(AcquireOutcome::Held(info))
     }
 
     async fn refresh(&self, lease: &Lease) -> Result<Lease> {
@@ -557,19 +608,27 @@ impl LockBackend for PgAdvisoryBackend {
         let id = self.lock_id(&lease.key);
         let raw_token = lease.token.get() as i64;
         // The release writes only the unlogged holder table, so its commit waits for no log
-        // flush.
+        // flush. It clears the holder row before it unlocks, and notifies only when a waiter
+        // marked the row `wanted`. A waiter marks the row after its attempt found the lock
+        // taken; the row lock orders the mark and the clearing. A mark first: the clearing
+        // waits for it and sees it. The clearing first: the mark finds the holder gone and the
+        // waiter tries again (`vacated`). A new holder can only take the row after this
+        // statement commits, so it never clears a mark this release has not seen.
         let sql = format!(
             "WITH me AS MATERIALIZED (SELECT pg_backend_pid() AS pid), \
-             unlocked AS MATERIALIZED ( \
-               SELECT pg_advisory_unlock($1) AS ok FROM me WHERE me.pid = $6 \
-             ), \
-             cleared AS ( \
+             cleared AS MATERIALIZED ( \
                UPDATE {h} SET owner = NULL, acquired_at = NULL, pid = NULL \
                 WHERE prefix = $2 AND key = $3 AND owner = $4 AND token = $5 \
-                  AND EXISTS (SELECT 1 FROM unlocked WHERE ok) \
-               RETURNING 1 \
+                  AND EXISTS (SELECT 1 FROM me WHERE me.pid = $6) \
+               RETURNING wanted \
              ), \
-             notified AS MATERIALIZED (SELECT pg_notify($7, $3) FROM unlocked WHERE ok) \
+             unlocked AS MATERIALIZED ( \
+               SELECT pg_advisory_unlock($1) AS ok FROM me \
+                WHERE me.pid = $6 AND (SELECT count(*) FROM cleared) >= 0 \
+             ), \
+             notified AS MATERIALIZED ( \
+               SELECT pg_notify($7, $3) FROM unlocked, cleared WHERE unlocked.ok AND cleared.wanted \
+             ) \
              SELECT me.pid, coalesce((SELECT ok FROM unlocked), false) AS unlocked, \
                     (SELECT count(*) FROM cleared) AS cleared, \
                     (SELECT count(*) FROM notified) AS notified \
