@@ -591,8 +591,9 @@ async fn init_storage_adds_the_wanted_column_to_an_earlier_versions_tables() {
 }
 
 /// A session holding the same advisory lock outside leaselock (another tool, a blocking
-/// `pg_advisory_lock`) makes acquisition return `Held` at once, never wait; status shows it and
-/// force release ends it.
+/// `pg_advisory_lock`) makes acquisition return `Held` at once, never wait, with the holder
+/// unknown (a refusal reads only the holder table, which has no row for it); status finds it
+/// in `pg_locks` and force release ends it.
 #[tokio::test]
 async fn foreign_holder_is_reported_not_waited_for() {
     let Some(url) = pg_url() else { return };
@@ -614,14 +615,7 @@ async fn foreign_holder_is_reported_not_waited_for() {
         .await
         .unwrap()
     {
-        AcquireOutcome::Held(holder) => {
-            if let Some(info) = holder {
-                assert!(
-                    info.owner.as_str().contains(&foreign_pid.to_string()),
-                    "{info:?}"
-                );
-            }
-        }
+        AcquireOutcome::Held(holder) => assert!(holder.is_none(), "{holder:?}"),
         other => panic!("expected Held, got {other:?}"),
     }
     assert!(
