@@ -441,6 +441,70 @@ async fn a_release_notifies_only_when_somebody_waits() {
     }
 }
 
+/// Returns once a server process matching `condition` (SQL on `pg_stat_activity`) waits for a
+/// lock: an order of events, never a length of time.
+async fn until_waiting_for_a_lock(admin: &Client, condition: &str) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND {condition}"
+    );
+    for _ in 0..3000 {
+        let n: i64 = admin.query_one(&sql, &[]).await.unwrap().get(0);
+        if n > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("nothing came to wait for a lock: {condition}");
+}
+
+/// A lease table waiter whose statement began before the key's first row was committed cannot
+/// mark that row (its snapshot does not show it): it runs once more, and marks it then. Here an
+/// uncommitted insert from outside makes the waiter's attempt wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_waiter_marks_a_row_inserted_after_its_snapshot() {
+    let Some(url) = pg_url() else { return };
+    let ns = fresh("firstrow");
+    let waiter = Arc::new(table(&url, &ns).await);
+    let k = key("firstrow");
+    let leases = format!("\"{ns}_leases\"");
+    let admin = raw(&url).await;
+    let mut inserter = raw(&url).await;
+    let insert = inserter.transaction().await.unwrap();
+    insert
+        .execute(
+            &format!(
+                "INSERT INTO {leases} (key, owner, token, acquired_at, expires_at) \
+                 VALUES ($1, 'outside', 1, now(), now() + interval '1 hour')"
+            ),
+            &[&k.as_str()],
+        )
+        .await
+        .unwrap();
+    let _watch = waiter.watch_release(&k).await.unwrap();
+    let attempt = {
+        let (waiter, k) = (Arc::clone(&waiter), k.clone());
+        tokio::spawn(async move { waiter.try_acquire(&request(&k, &owner("waiter"))).await })
+    };
+    until_waiting_for_a_lock(&admin, "query LIKE '%marked AS%'").await;
+    insert.commit().await.unwrap();
+    match attempt.await.unwrap().unwrap() {
+        AcquireOutcome::Held(Some(holder)) => assert_eq!(holder.owner.as_str(), "outside"),
+        other => panic!("expected Held by `outside`, got {other:?}"),
+    }
+    let wanted: bool = admin
+        .query_one(
+            &format!("SELECT wanted FROM {leases} WHERE key = $1"),
+            &[&k.as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        wanted,
+        "the waiter marked the row, so its release will notify"
+    );
+}
+
 /// The advisory release clears the holder row before it unlocks, and a waiter's mark comes
 /// after its refused attempt: when the release clears the row between the two, the release saw
 /// no mark and notifies nobody, so the waiter must find that out and try again at once. Here a
@@ -473,39 +537,17 @@ async fn advisory_waiter_that_marks_a_vacated_row_tries_again() {
         )
         .await
         .unwrap();
-    let waiting_for_a_lock = |condition: &'static str, param: Option<i32>| {
-        let admin = &admin;
-        async move {
-            let sql = format!(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND {condition}"
-            );
-            for _ in 0..1000 {
-                let n: i64 = match param {
-                    Some(p) => admin.query_one(&sql, &[&p]).await,
-                    None => admin.query_one(&sql, &[]).await,
-                }
-                .unwrap()
-                .get(0);
-                if n > 0 {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            panic!("nothing came to wait for a lock: {condition}");
-        }
-    };
-
     let release = {
         let (holder, held) = (Arc::clone(&holder), held.clone());
         tokio::spawn(async move { holder.release(&held).await })
     };
-    waiting_for_a_lock("pid = $1", Some(holder_pid)).await;
+    until_waiting_for_a_lock(&admin, &format!("pid = {holder_pid}")).await;
     let _watch = waiter.watch_release(&k).await.unwrap();
     let attempt = {
         let (waiter, k) = (Arc::clone(&waiter), k.clone());
         tokio::spawn(async move { waiter.try_acquire(&request(&k, &owner("waiter"))).await })
     };
-    waiting_for_a_lock("query LIKE '%marked AS MATERIALIZED%'", None).await;
+    until_waiting_for_a_lock(&admin, "query LIKE '%marked AS MATERIALIZED%'").await;
     row_lock.commit().await.unwrap();
 
     assert!(release.await.unwrap().unwrap(), "the holder released");

@@ -254,7 +254,9 @@ impl LockBackend for PgTableBackend {
         // attempt marks the row `wanted`, so that its release notifies. The conflict locked the
         // row, so the mark sees the same holder, and the holder's release, which waits for that
         // lock, sees the mark. Nobody waiting: no mark, and the release sends no `pg_notify`,
-        // whose commit is serialized across the whole database.
+        // whose commit is serialized across the whole database. One case marks nothing: a key
+        // whose first row was inserted after this statement's snapshot, which the mark reads;
+        // the statement then returns no row, and runs once more with a fresh snapshot.
         let (mark, holder) = if self.shared.watching(request.key()) {
             (
                 format!(
@@ -290,18 +292,13 @@ impl LockBackend for PgTableBackend {
         // A lock without expiry binds a NULL duration: `now() + NULL` is a NULL expiry, which
         // no `expires_at <= now()` ever matches.
         let ttl = request.ttl().map(millis);
-        let rows = self
-            .shared
-            .query(
-                "try_acquire",
-                &sql,
-                &[
-                    (&request.key().as_str(), Type::TEXT),
-                    (&request.owner().as_str(), Type::TEXT),
-                    (&ttl, Type::INT8),
-                ],
-            )
-            .await?;
+        let (key, owner) = (request.key().as_str(), request.owner().as_str());
+        let params: [super::Param<'_>; 3] =
+            [(&key, Type::TEXT), (&owner, Type::TEXT), (&ttl, Type::INT8)];
+        let mut rows = self.shared.query("try_acquire", &sql, &params).await?;
+        if rows.is_empty() && !mark.is_empty() {
+            rows = self.shared.query("try_acquire", &sql, &params).await?;
+        }
         let Some(row) = rows.first() else {
             // The holder changed between the conflict and our read: held, holder unknown.
             return Ok(AcquireOutcome::Held(None));
