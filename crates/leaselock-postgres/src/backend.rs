@@ -547,15 +547,17 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) const WANTED: &str = "boolean NOT NULL DEFAULT false";
 
 /// DDL (a `DO` block, for [`Shared::init`]) that adds `column` (`definition`) to `table` when
-/// the table has every one of `earlier` (it is ours, made by an earlier version) but not
-/// `column`. Any other table of that name is left alone, for the storage check to refuse. The
-/// names are validated identifiers and constants.
-pub(crate) fn add_column(table: &str, earlier: &[&str], column: &str, definition: &str) -> String {
-    let earlier_list = earlier
-        .iter()
+/// the table has every other one of `columns` (the comma-separated list the storage check
+/// expects: the table is ours, made by an earlier version) but not `column`. Any other table of
+/// that name is left alone, for the storage check to refuse. The names are validated
+/// identifiers and constants.
+pub(crate) fn add_column(table: &str, columns: &str, column: &str, definition: &str) -> String {
+    let earlier: Vec<String> = columns
+        .split(',')
+        .map(str::trim)
+        .filter(|c| *c != column)
         .map(|c| format!("'{c}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
+        .collect();
     format!(
         "DO $leaselock$ BEGIN \
            IF (SELECT count(*) FROM pg_attribute \
@@ -567,6 +569,7 @@ pub(crate) fn add_column(table: &str, earlier: &[&str], column: &str, definition
              ALTER TABLE {table} ADD COLUMN {column} {definition}; \
            END IF; \
          END $leaselock$;",
+        earlier_list = earlier.join(", "),
         n = earlier.len()
     )
 }

@@ -20,16 +20,6 @@ use crate::error;
 const NAME: &str = "postgres-advisory";
 const COLUMNS: &str = "prefix, key, lock_id, token";
 const HOLDER_COLUMNS: &str = "prefix, key, lock_id, token, owner, acquired_at, pid, wanted";
-/// The columns of a holder table made before `wanted`, which `init_storage` adds to it.
-const EARLIER_HOLDER_COLUMNS: &[&str] = &[
-    "prefix",
-    "key",
-    "lock_id",
-    "token",
-    "owner",
-    "acquired_at",
-    "pid",
-];
 /// The holder table's name: the counter table's with this appended.
 const HOLDER_SUFFIX: &str = "_holders";
 /// How far ahead of the last token issued for a key the counter table reserves, durably. Every
@@ -500,7 +490,7 @@ impl LockBackend for PgAdvisoryBackend {
              ); {upgrade}",
             t = self.t(),
             h = self.h(),
-            upgrade = super::add_column(self.h(), EARLIER_HOLDER_COLUMNS, "wanted", super::WANTED)
+            upgrade = super::add_column(self.h(), HOLDER_COLUMNS, "wanted", super::WANTED)
         );
         self.shared().init(&ddl, self.shared().schema()).await?;
         self.check_storage().await

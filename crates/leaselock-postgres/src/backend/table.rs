@@ -17,9 +17,6 @@ use crate::config::{PgConfig, DEFAULT_TABLE};
 
 const NAME: &str = "postgres-table";
 const COLUMNS: &str = "key, owner, token, acquired_at, expires_at, wanted";
-/// The columns of a table made before `wanted`, which `init_storage` adds to it.
-const EARLIER_COLUMNS: &[&str] = &["key", "owner", "token", "acquired_at", "expires_at"];
-
 /// How many leases one batched refresh (one `UPDATE … FROM unnest(…)`) extends at most.
 const MAX_REFRESH_BATCH: usize = 1000;
 
@@ -239,7 +236,7 @@ impl LockBackend for PgTableBackend {
                 wanted boolean NOT NULL DEFAULT false \
              ); {upgrade}",
             t = self.t(),
-            upgrade = super::add_column(self.t(), EARLIER_COLUMNS, "wanted", super::WANTED)
+            upgrade = super::add_column(self.t(), COLUMNS, "wanted", super::WANTED)
         );
         self.shared.init(&ddl, self.shared.schema()).await?;
         self.check_storage().await
@@ -257,7 +254,8 @@ impl LockBackend for PgTableBackend {
         // whose commit is serialized across the whole database. One case marks nothing: a key
         // whose first row was inserted after this statement's snapshot, which the mark reads;
         // the statement then returns no row, and runs once more with a fresh snapshot.
-        let (mark, holder) = if self.shared.watching(request.key()) {
+        let marking = self.shared.watching(request.key());
+        let (mark, holder) = if marking {
             (
                 format!(
                     ", marked AS ( \
@@ -296,7 +294,7 @@ impl LockBackend for PgTableBackend {
         let params: [super::Param<'_>; 3] =
             [(&key, Type::TEXT), (&owner, Type::TEXT), (&ttl, Type::INT8)];
         let mut rows = self.shared.query("try_acquire", &sql, &params).await?;
-        if rows.is_empty() && !mark.is_empty() {
+        if rows.is_empty() && marking {
             rows = self.shared.query("try_acquire", &sql, &params).await?;
         }
         let Some(row) = rows.first() else {
