@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::chart::{Chart, Group, Series};
-use crate::report::{ms, num, BackendReport, Outcome, Report};
+use crate::report::{ms, num, ratio, share, BackendReport, Outcome, Report};
 use crate::Result;
 
 const NOTES_BEGIN: &str = "<!-- notes:begin -->";
@@ -61,10 +61,10 @@ fn charts(report: &Report) -> Vec<(&'static str, Chart)> {
                 ],
                 labels: vec![
                     format!(
-                        "{} (p99 {}), {:.2}× the floor",
+                        "{} (p99 {}), {}× the floor",
                         ms(u.leaselock.cycle.p50_us),
                         ms(u.leaselock.cycle.p99_us),
-                        u.ratio_p50
+                        ratio(u.ratio_p50)
                     ),
                     format!(
                         "{} (p99 {})",
@@ -209,9 +209,9 @@ fn charts(report: &Report) -> Vec<(&'static str, Chart)> {
                         ],
                         labels: vec![
                             format!(
-                                "{:.0}/s = {:.0}% of the limit, {} errors",
+                                "{:.0}/s = {} of the limit, {} errors",
                                 c.leaselock.cycles_per_s,
-                                c.ratio * 100.0,
+                                share(c.ratio),
                                 c.leaselock.errors
                             ),
                             format!("{:.0}/s", c.server_limit_cycles_per_s),
@@ -422,7 +422,7 @@ fn markdown(report: &Report, notes: &str) -> String {
             Some(u) => {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
                     b.name,
                     ms(u.leaselock.cycle.p50_us),
                     ms(u.leaselock.cycle.p99_us),
@@ -430,7 +430,7 @@ fn markdown(report: &Report, notes: &str) -> String {
                     ms(u.leaselock.release.p50_us),
                     ms(u.floor.cycle.p50_us),
                     ms(u.floor.cycle.p99_us),
-                    u.ratio_p50,
+                    ratio(u.ratio_p50),
                     u.ratio_p99,
                     b.floor
                 );
@@ -579,7 +579,7 @@ fn markdown(report: &Report, notes: &str) -> String {
                 for c in shapes {
                     let _ = writeln!(
                         s,
-                        "| {} | {} × {} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {} | {:.0}% |",
+                        "| {} | {} × {} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {} | {} |",
                         b.name,
                         c.workers,
                         c.keys,
@@ -589,7 +589,7 @@ fn markdown(report: &Report, notes: &str) -> String {
                         c.server_limit_cycles_per_s,
                         c.floor.acquired_per_s,
                         c.floor.errors,
-                        c.ratio * 100.0
+                        share(c.ratio)
                     );
                 }
             }

@@ -281,9 +281,9 @@ pub(crate) fn evaluate(b: &BackendReport) -> Vec<TargetCheck> {
     if let Some(u) = b.uncontended.ran() {
         out.push(TargetCheck {
             measure: "uncontended",
-            target: "leaselock / floor (p50) ≤ 1.1".into(),
-            value: format!("{:.2}", u.ratio_p50),
-            met: Some(u.ratio_p50 <= 1.1),
+            target: format!("leaselock / floor (p50) ≤ {RATIO_TARGET}"),
+            value: ratio(u.ratio_p50),
+            met: Some(u.ratio_p50 <= RATIO_TARGET),
         });
     }
     if let Some(rt) = b.round_trips.ran() {
@@ -313,19 +313,20 @@ pub(crate) fn evaluate(b: &BackendReport) -> Vec<TargetCheck> {
             out.push(TargetCheck {
                 measure: "contention",
                 target: format!(
-                    "{} workers × {} key{}: ≥ 80% of the server's limit, 0 errors",
+                    "{} workers × {} key{}: ≥ {:.0}% of the server's limit, 0 errors",
                     c.workers,
                     c.keys,
-                    if c.keys == 1 { "" } else { "s" }
+                    if c.keys == 1 { "" } else { "s" },
+                    SHARE_TARGET * 100.0
                 ),
                 value: format!(
-                    "{:.0}% ({:.0} of {:.0} cycles/s), {} errors",
-                    c.ratio * 100.0,
+                    "{} ({:.0} of {:.0} cycles/s), {} errors",
+                    share(c.ratio),
                     c.leaselock.cycles_per_s,
                     c.server_limit_cycles_per_s,
                     c.leaselock.errors
                 ),
-                met: Some(c.ratio >= 0.8 && c.leaselock.errors == 0),
+                met: Some(c.ratio >= SHARE_TARGET && c.leaselock.errors == 0),
             });
         }
     }
@@ -347,6 +348,37 @@ pub(crate) fn evaluate(b: &BackendReport) -> Vec<TargetCheck> {
         });
     }
     out
+}
+
+/// The uncontended target: leaselock's p50 cycle at most this many times the floor's.
+pub(crate) const RATIO_TARGET: f64 = 1.1;
+/// The contention target: at least this share of the server's limit.
+pub(crate) const SHARE_TARGET: f64 = 0.8;
+
+/// The ratio to the floor, to two decimals, or to as many more as it takes not to round it onto
+/// [`RATIO_TARGET`] from either side (1.1025 reads 1.103, not 1.10 beside "not met").
+pub(crate) fn ratio(x: f64) -> String {
+    beside(x, RATIO_TARGET, 2)
+}
+
+/// A share of the server's limit as a percentage, whole, or with as many decimals as it takes
+/// not to round it onto [`SHARE_TARGET`] from either side (79.6% reads 79.6%, not 80%).
+pub(crate) fn share(x: f64) -> String {
+    format!("{}%", beside(x * 100.0, SHARE_TARGET * 100.0, 0))
+}
+
+/// `x` to `decimals` decimals, or more (up to three more) while the rounded text compares with
+/// `limit` otherwise than `x` does.
+fn beside(x: f64, limit: f64, decimals: usize) -> String {
+    let mut shown = format!("{x:.decimals$}");
+    for d in decimals..=decimals + 3 {
+        shown = format!("{x:.d$}");
+        let read: f64 = shown.parse().unwrap_or(x);
+        if read.partial_cmp(&limit) == x.partial_cmp(&limit) {
+            break;
+        }
+    }
+    shown
 }
 
 /// Microseconds as milliseconds, for tables.
@@ -431,7 +463,7 @@ impl Report {
                     ms(u.leaselock.cycle.p99_us),
                     ms(u.floor.cycle.p50_us),
                     ms(u.floor.cycle.p99_us),
-                    format!("{:.2}", u.ratio_p50),
+                    ratio(u.ratio_p50),
                     format!("{:.2}", u.ratio_p99),
                 ],
                 (o, None) => gap_row(b.name, &o.gap(), 7),
@@ -528,7 +560,7 @@ impl Report {
                             format!("{:.0}", c.server_limit_cycles_per_s),
                             format!("{:.0}", c.floor.acquired_per_s),
                             c.floor.errors.to_string(),
-                            format!("{:.0}%", c.ratio * 100.0),
+                            share(c.ratio),
                         ]);
                     }
                 }
@@ -672,5 +704,23 @@ fn section(out: &mut String, title: &str, header: &[&str], rows: Vec<Vec<String>
     );
     for row in rows {
         let _ = writeln!(out, "{}", line(row));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ratio, share};
+
+    #[test]
+    fn a_figure_never_rounds_onto_its_target() {
+        assert_eq!(ratio(1.0734), "1.07");
+        assert_eq!(ratio(1.1025), "1.103");
+        assert_eq!(ratio(1.0996), "1.0996");
+        assert_eq!(ratio(1.09996), "1.09996");
+        assert_eq!(ratio(1.1), "1.10");
+        assert_eq!(share(0.8412), "84%");
+        assert_eq!(share(0.7962), "79.6%");
+        assert_eq!(share(0.8004), "80.04%");
+        assert_eq!(share(0.8), "80%");
     }
 }
