@@ -781,6 +781,46 @@ async fn a_released_get_lock_connection_ended_before_the_next_acquisition_is_rep
         .unwrap();
 }
 
+/// A refused GET_LOCK acquisition keeps its connection for the next attempt too (it holds
+/// nothing); one ended on the server meanwhile is replaced from the pool: no attempt fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_get_lock_connection_ended_before_the_next_attempt_is_replaced() {
+    let Some(url) = url() else { return };
+    let (mut admin, db, opts) = scratch_database(&url).await;
+    let config = MysqlConfig::new(opts).table("locks").prefix(&db);
+    let backend = MysqlGetLockBackend::new(config).unwrap();
+    backend.init_storage().await.unwrap();
+    let k = key("hot-refused");
+    // Held from outside, on a connection to another database, which the kills below spare.
+    let mut outside = raw_conn(&url).await;
+    let name = leaselock_mysql::lock_name(&db, k.as_str());
+    let got: Option<i64> = outside
+        .exec_first("SELECT GET_LOCK(?, 0)", (name.as_str(),))
+        .await
+        .unwrap();
+    assert_eq!(got, Some(1));
+    let waiter = owner("waiter");
+    for round in 0..3 {
+        let outcome = backend.try_acquire(&request(&k, &waiter)).await.unwrap();
+        assert!(
+            matches!(outcome, AcquireOutcome::Held(_)),
+            "round {round}: {outcome:?}"
+        );
+        kill_connections_of(&mut admin, &db).await;
+    }
+    let released: Option<i64> = outside
+        .exec_first("SELECT RELEASE_LOCK(?)", (name.as_str(),))
+        .await
+        .unwrap();
+    assert_eq!(released, Some(1));
+    let lease = acquire(&backend, &k, "waiter").await;
+    assert!(backend.release(&lease).await.unwrap());
+    admin
+        .query_drop(format!("DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
+}
+
 /// A database of its own (so that its connections can be told from other tests'): an admin
 /// connection, its name, and options that connect to it.
 async fn scratch_database(url: &str) -> (Conn, String, OptsBuilder) {

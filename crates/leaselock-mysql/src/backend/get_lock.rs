@@ -791,6 +791,9 @@ impl LockBackend for MysqlGetLockBackend {
                 // GET_LOCK returned 0: the connection holds nothing and can go back as it is.
                 conn.reset_connection(false);
                 let probe = self.probe(&mut conn, key).await?;
+                // It answered and holds nothing: keep it for the next attempt, as a clean
+                // release does (the pool would take it in through its recycler task).
+                shared.give_back(conn);
                 let holder = match probe.consistent() {
                     true => self.holder(key, probe)?,
                     false => None,
