@@ -4,7 +4,9 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::chart::{Chart, Group, Series};
-use crate::report::{ms, num, ratio, share, BackendReport, Outcome, Report};
+use crate::report::{
+    ms, num, ratio, share, BackendReport, Outcome, Report, RATIO_TARGET, SHARE_TARGET,
+};
 use crate::Result;
 
 const NOTES_BEGIN: &str = "<!-- notes:begin -->";
@@ -79,7 +81,9 @@ fn charts(report: &Report) -> Vec<(&'static str, Chart)> {
     out.push((
         "uncontended",
         Chart {
-            title: "1. Uncontended acquire + release, median (target: ≤ 1.1× the floor)".into(),
+            title: format!(
+                "1. Uncontended acquire + release, median (target: ≤ {RATIO_TARGET}× the floor)"
+            ),
             unit: "milliseconds per cycle".into(),
             series: vec![
                 Series {
@@ -226,8 +230,9 @@ fn charts(report: &Report) -> Vec<(&'static str, Chart)> {
         "contention",
         Chart {
             title: format!(
-                "4. Contended cycles per second, {} workers (target: ≥ 80% of the server's limit, 0 errors)",
-                report.settings.workers
+                "4. Contended cycles per second, {} workers (target: ≥ {:.0}% of the server's limit, 0 errors)",
+                report.settings.workers,
+                SHARE_TARGET * 100.0
             ),
             unit: "cycles per second (attempt + release when won)".into(),
             series: vec![

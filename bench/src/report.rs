@@ -370,15 +370,15 @@ pub(crate) fn share(x: f64) -> String {
 /// `x` to `decimals` decimals, or more (up to three more) while the rounded text compares with
 /// `limit` otherwise than `x` does.
 fn beside(x: f64, limit: f64, decimals: usize) -> String {
-    let mut shown = format!("{x:.decimals$}");
-    for d in decimals..=decimals + 3 {
-        shown = format!("{x:.d$}");
+    let most = decimals + 3;
+    for d in decimals..most {
+        let shown = format!("{x:.d$}");
         let read: f64 = shown.parse().unwrap_or(x);
         if read.partial_cmp(&limit) == x.partial_cmp(&limit) {
-            break;
+            return shown;
         }
     }
-    shown
+    format!("{x:.most$}")
 }
 
 /// Microseconds as milliseconds, for tables.
