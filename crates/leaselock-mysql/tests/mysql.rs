@@ -751,10 +751,7 @@ async fn a_lease_connection_ended_between_operations_is_replaced_from_the_pool()
         assert!(backend.release(&lease).await.unwrap(), "round {round}");
         kill_connections_of(&mut admin, &db).await;
     }
-    admin
-        .query_drop(format!("DROP DATABASE `{db}`"))
-        .await
-        .unwrap();
+    drop_scratch_database(&mut admin, &db).await;
 }
 
 /// The GET_LOCK backend keeps the connection of a clean release for the next acquisition (under
@@ -762,10 +759,7 @@ async fn a_lease_connection_ended_between_operations_is_replaced_from_the_pool()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_released_get_lock_connection_ended_before_the_next_acquisition_is_replaced() {
     let Some(url) = url() else { return };
-    let (mut admin, db, opts) = scratch_database(&url).await;
-    let config = MysqlConfig::new(opts).table("locks").prefix(&db);
-    let backend = MysqlGetLockBackend::new(config).unwrap();
-    backend.init_storage().await.unwrap();
+    let (mut admin, db, backend) = scratch_get_lock_backend(&url).await;
     let k = key("hot");
     let mut tokens = Vec::new();
     for round in 0..3 {
@@ -775,10 +769,7 @@ async fn a_released_get_lock_connection_ended_before_the_next_acquisition_is_rep
         kill_connections_of(&mut admin, &db).await;
     }
     assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
-    admin
-        .query_drop(format!("DROP DATABASE `{db}`"))
-        .await
-        .unwrap();
+    drop_scratch_database(&mut admin, &db).await;
 }
 
 /// A refused GET_LOCK acquisition keeps its connection for the next attempt too (it holds
@@ -786,10 +777,7 @@ async fn a_released_get_lock_connection_ended_before_the_next_acquisition_is_rep
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_get_lock_connection_ended_before_the_next_attempt_is_replaced() {
     let Some(url) = url() else { return };
-    let (mut admin, db, opts) = scratch_database(&url).await;
-    let config = MysqlConfig::new(opts).table("locks").prefix(&db);
-    let backend = MysqlGetLockBackend::new(config).unwrap();
-    backend.init_storage().await.unwrap();
+    let (mut admin, db, backend) = scratch_get_lock_backend(&url).await;
     let k = key("hot-refused");
     // Held from outside, on a connection to another database, which the kills below spare.
     let mut outside = raw_conn(&url).await;
@@ -815,10 +803,7 @@ async fn a_refused_get_lock_connection_ended_before_the_next_attempt_is_replaced
     assert_eq!(released, Some(1));
     let lease = acquire(&backend, &k, "waiter").await;
     assert!(backend.release(&lease).await.unwrap());
-    admin
-        .query_drop(format!("DROP DATABASE `{db}`"))
-        .await
-        .unwrap();
+    drop_scratch_database(&mut admin, &db).await;
 }
 
 /// A database of its own (so that its connections can be told from other tests'): an admin
@@ -832,6 +817,24 @@ async fn scratch_database(url: &str) -> (Conn, String, OptsBuilder) {
         .unwrap();
     let opts = OptsBuilder::from_opts(Opts::from_url(url).unwrap()).db_name(Some(db.clone()));
     (admin, db, opts)
+}
+
+/// A GET_LOCK backend, initialized, whose connections use a scratch database of their own (see
+/// [`scratch_database`]), with its prefix named after it.
+async fn scratch_get_lock_backend(url: &str) -> (Conn, String, MysqlGetLockBackend) {
+    let (admin, db, opts) = scratch_database(url).await;
+    let config = MysqlConfig::new(opts).table("locks").prefix(&db);
+    let backend = MysqlGetLockBackend::new(config).unwrap();
+    backend.init_storage().await.unwrap();
+    (admin, db, backend)
+}
+
+/// Drops a database made by [`scratch_database`].
+async fn drop_scratch_database(admin: &mut Conn, db: &str) {
+    admin
+        .query_drop(format!("DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
 }
 
 /// Ends every connection using database `db`.
