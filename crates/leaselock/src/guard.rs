@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::backend::{LockBackend, Wakeup};
 use crate::error::{Error, Result};
 use crate::guardian::{Guardian, Slot};
-use crate::hooks::{call_hook, LockHooks, Operation};
+use crate::hooks::{Hooks, Operation};
 use crate::refresher::Refresher;
 use crate::types::{FencingToken, Lease, LockKey, OwnerId};
 
@@ -93,7 +93,7 @@ impl LostSignal {
 /// State shared by a guard, its contexts and its refresh daemon.
 pub(crate) struct Held {
     pub(crate) backend: Arc<dyn LockBackend>,
-    pub(crate) hooks: Arc<dyn LockHooks>,
+    pub(crate) hooks: Hooks,
     /// Where refreshes go when the backend batches them; `None`: straight to the backend.
     refresher: Option<Arc<Refresher>>,
     release_timeout: Duration,
@@ -123,7 +123,9 @@ impl Held {
         if self.lost.fire(reason) {
             let lease = self.lease();
             tracing::warn!(key = %lease.key, token = %lease.token, reason, "lease lost");
-            call_hook("lease_lost", self.hooks.lease_lost(&lease, reason)).await;
+            self.hooks
+                .call("lease_lost", |h| h.lease_lost(&lease, reason))
+                .await;
         }
     }
 
@@ -249,11 +251,11 @@ impl LockContext {
                 Err(Error::lost(&self.key, reason))
             }
             Err(error) => {
-                call_hook(
-                    "error",
-                    held.hooks.error(Operation::Verify, Some(&self.key), &error),
-                )
-                .await;
+                held.hooks
+                    .call("error", |h| {
+                        h.error(Operation::Verify, Some(&self.key), &error)
+                    })
+                    .await;
                 Err(error)
             }
         }
@@ -320,7 +322,7 @@ impl LockGuard {
     /// `guardian` until it has work to do.
     pub(crate) fn start(
         backend: Arc<dyn LockBackend>,
-        hooks: Arc<dyn LockHooks>,
+        hooks: Hooks,
         lease: Lease,
         sent_at: Instant,
         config: GuardConfig,
@@ -449,7 +451,9 @@ async fn release_with_retries(held: &Held, lease: &Lease) -> Result<bool> {
 
 async fn release_held(held: &Held) -> Result<bool> {
     let lease = held.lease();
-    call_hook("before_release", held.hooks.before_release(&lease)).await;
+    held.hooks
+        .call("before_release", |h| h.before_release(&lease))
+        .await;
     match release_with_retries(held, &lease).await {
         Ok(was_held) => {
             if was_held {
@@ -457,7 +461,9 @@ async fn release_held(held: &Held) -> Result<bool> {
             } else {
                 tracing::warn!(key = %lease.key, token = %lease.token, "released a lease that was no longer held");
             }
-            call_hook("released", held.hooks.released(&lease, was_held)).await;
+            held.hooks
+                .call("released", |h| h.released(&lease, was_held))
+                .await;
             Ok(was_held)
         }
         Err(error) => {
@@ -466,12 +472,11 @@ async fn release_held(held: &Held) -> Result<bool> {
             } else {
                 tracing::error!(key = %lease.key, token = %lease.token, %error, "release failed; the lock has no expiry and stays held until force-released (or its session ends)");
             }
-            call_hook(
-                "error",
-                held.hooks
-                    .error(Operation::Release, Some(&lease.key), &error),
-            )
-            .await;
+            held.hooks
+                .call("error", |h| {
+                    h.error(Operation::Release, Some(&lease.key), &error)
+                })
+                .await;
             Err(error)
         }
     }
@@ -607,12 +612,11 @@ async fn run_daemon(start: DaemonStart, mut lost_watch: Wakeup) {
                 // Transient or not, the deadline decides: keep trying a few times before it.
                 let retry_in = (every / 4).max(Duration::from_millis(50));
                 tracing::warn!(key = %lease.key, %error, ?retry_in, "lease refresh (or check) failed; retrying");
-                call_hook(
-                    "error",
-                    held.hooks
-                        .error(Operation::Refresh, Some(&lease.key), &error),
-                )
-                .await;
+                held.hooks
+                    .call("error", |h| {
+                        h.error(Operation::Refresh, Some(&lease.key), &error)
+                    })
+                    .await;
                 next_refresh = Some(Instant::now() + retry_in);
             }
         }

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -149,8 +150,32 @@ pub struct NoHooks;
 
 impl LockHooks for NoHooks {}
 
+/// The hooks a locker and its guards call: none unless the builder was given some, so that a
+/// locker without hooks spends nothing on them (each call of an `async_trait` method allocates
+/// its future, even an empty default one).
+#[derive(Clone, Default)]
+pub(crate) struct Hooks(Option<Arc<dyn LockHooks>>);
+
+impl Hooks {
+    pub(crate) fn new(hooks: Arc<dyn LockHooks>) -> Self {
+        Hooks(Some(hooks))
+    }
+
+    /// Calls one hook, if there are hooks: `call` makes its future. Logs and swallows the
+    /// hook's error or panic.
+    pub(crate) async fn call<'a, F, Fut>(&'a self, name: &'static str, call: F)
+    where
+        F: FnOnce(&'a dyn LockHooks) -> Fut,
+        Fut: Future<Output = HookResult>,
+    {
+        if let Some(hooks) = &self.0 {
+            call_hook(name, call(hooks.as_ref())).await;
+        }
+    }
+}
+
 /// Runs one hook call, logging and swallowing its error or panic.
-pub(crate) async fn call_hook(name: &'static str, hook: impl Future<Output = HookResult>) {
+async fn call_hook(name: &'static str, hook: impl Future<Output = HookResult>) {
     match CatchUnwind::new(AssertUnwindSafe(hook)).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::warn!(hook = name, %error, "lock hook failed; ignored"),

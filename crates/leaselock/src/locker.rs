@@ -12,7 +12,7 @@ use crate::config::{OnUnavailable, WaitPolicy};
 use crate::error::{Error, Result};
 use crate::guard::{catch_panic, GuardConfig, LockContext, LockGuard};
 use crate::guardian::Guardian;
-use crate::hooks::{call_hook, LockHooks, NoHooks, Operation};
+use crate::hooks::{Hooks, LockHooks, Operation};
 use crate::refresher::Refresher;
 use crate::types::{
     validate_lease_duration, AcquireOutcome, AcquireRequest, Capabilities, LockInfo, LockKey,
@@ -106,7 +106,7 @@ pub struct LockerBuilder {
     wait: WaitPolicy,
     on_unavailable: OnUnavailable,
     verify_after_acquire: bool,
-    hooks: Arc<dyn LockHooks>,
+    hooks: Hooks,
     owner: Option<OwnerId>,
     owner_error: Option<Error>,
     release_timeout: Duration,
@@ -248,15 +248,16 @@ impl LockerBuilder {
         self
     }
 
-    /// Lifecycle hooks. Default: [`NoHooks`].
+    /// Lifecycle hooks. Default: none, which behaves as [`NoHooks`](crate::NoHooks) and costs
+    /// nothing per lock.
     pub fn hooks(mut self, hooks: impl LockHooks + 'static) -> Self {
-        self.hooks = Arc::new(hooks);
+        self.hooks = Hooks::new(Arc::new(hooks));
         self
     }
 
     /// Hooks shared with other lockers.
     pub fn shared_hooks(mut self, hooks: Arc<dyn LockHooks>) -> Self {
-        self.hooks = hooks;
+        self.hooks = Hooks::new(hooks);
         self
     }
 
@@ -379,7 +380,7 @@ struct Inner {
     wait: WaitPolicy,
     on_unavailable: OnUnavailable,
     verify_after_acquire: bool,
-    hooks: Arc<dyn LockHooks>,
+    hooks: Hooks,
     owner: OwnerId,
     release_timeout: Duration,
 }
@@ -419,7 +420,7 @@ impl Locker {
             wait: WaitPolicy::default(),
             on_unavailable: OnUnavailable::default(),
             verify_after_acquire: false,
-            hooks: Arc::new(NoHooks),
+            hooks: Hooks::default(),
             owner: None,
             owner_error: None,
             release_timeout: DEFAULT_RELEASE_TIMEOUT,
@@ -507,7 +508,9 @@ impl Locker {
         } else {
             AcquireRequest::without_expiry(key.clone(), i.owner.clone())
         };
-        call_hook("before_acquire", i.hooks.before_acquire(&key, &i.owner)).await;
+        i.hooks
+            .call("before_acquire", |h| h.before_acquire(&key, &i.owner))
+            .await;
         let started = Instant::now();
         let mut attempt: u32 = 1;
         loop {
@@ -533,16 +536,14 @@ impl Locker {
                         self.verify_fresh(&lease).await?;
                     }
                     tracing::debug!(%key, token = %lease.token, "lock acquired");
-                    call_hook("acquired", i.hooks.acquired(&lease)).await;
+                    i.hooks.call("acquired", |h| h.acquired(&lease)).await;
                     return Ok(Some(self.guard(lease, sent_at)));
                 }
                 Ok(AcquireOutcome::Held(holder)) => (holder, None),
                 Err(error) => {
-                    call_hook(
-                        "error",
-                        i.hooks.error(Operation::Acquire, Some(&key), &error),
-                    )
-                    .await;
+                    i.hooks
+                        .call("error", |h| h.error(Operation::Acquire, Some(&key), &error))
+                        .await;
                     if !error.is_retryable() {
                         return Err(error);
                     }
@@ -553,7 +554,9 @@ impl Locker {
             match i.wait.next_delay(attempt, started.into_std()) {
                 Some(delay) => {
                     tracing::debug!(%key, attempt, ?delay, holder = ?holder.as_ref().map(|h| h.owner.as_str()), "lock held; waiting");
-                    call_hook("retry", i.hooks.retry(&key, attempt, holder.as_ref())).await;
+                    i.hooks
+                        .call("retry", |h| h.retry(&key, attempt, holder.as_ref()))
+                        .await;
                     let wakeup = match failure {
                         // After an error, back off the full delay rather than spin on wake-ups.
                         Some(_) => None,
@@ -575,11 +578,11 @@ impl Locker {
                         return Err(error);
                     }
                     tracing::info!(%key, attempt, holder = ?holder.as_ref().map(|h| h.owner.as_str()), "lock unavailable");
-                    call_hook(
-                        "acquisition_failed",
-                        i.hooks.acquisition_failed(&key, holder.as_ref()),
-                    )
-                    .await;
+                    i.hooks
+                        .call("acquisition_failed", |h| {
+                            h.acquisition_failed(&key, holder.as_ref())
+                        })
+                        .await;
                     return match i.on_unavailable {
                         OnUnavailable::ReturnNone => Ok(None),
                         OnUnavailable::Error => Err(Error::Held {
@@ -599,7 +602,7 @@ impl Locker {
         let ttl = lease.ttl;
         LockGuard::start(
             Arc::clone(&i.backend),
-            Arc::clone(&i.hooks),
+            i.hooks.clone(),
             lease,
             sent_at,
             GuardConfig {
@@ -674,12 +677,14 @@ impl Locker {
         let fresh = match outcome {
             Ok(fresh) => fresh,
             Err(error) => {
-                call_hook("error", i.hooks.error(op, Some(&lease.key), &error)).await;
+                i.hooks
+                    .call("error", |h| h.error(op, Some(&lease.key), &error))
+                    .await;
                 return Err(error);
             }
         };
         tracing::info!(key = %fresh.key, token = %fresh.token, owner = %fresh.owner, "lease adopted");
-        call_hook("acquired", i.hooks.acquired(&fresh)).await;
+        i.hooks.call("acquired", |h| h.acquired(&fresh)).await;
         Ok(self.guard(fresh, sent_at))
     }
 
@@ -689,11 +694,11 @@ impl Locker {
         let verified = match i.backend.verify(lease).await {
             Ok(verified) => verified,
             Err(error) => {
-                call_hook(
-                    "error",
-                    i.hooks.error(Operation::Verify, Some(&lease.key), &error),
-                )
-                .await;
+                i.hooks
+                    .call("error", |h| {
+                        h.error(Operation::Verify, Some(&lease.key), &error)
+                    })
+                    .await;
                 let _ = i.backend.release(lease).await;
                 return Err(error);
             }
@@ -702,7 +707,9 @@ impl Locker {
             return Ok(());
         }
         tracing::error!(key = %lease.key, token = %lease.token, "ownership verification after acquire failed");
-        call_hook("verification_failed", i.hooks.verification_failed(lease)).await;
+        i.hooks
+            .call("verification_failed", |h| h.verification_failed(lease))
+            .await;
         Err(Error::lost(
             &lease.key,
             "ownership verification right after acquiring failed",
@@ -879,11 +886,12 @@ impl Locker {
             .report(Operation::ForceRelease, Some(&key), outcome)
             .await?;
         tracing::warn!(%key, previous = ?removed.as_ref().map(|h| h.owner.as_str()), "lock force-released");
-        call_hook(
-            "force_released",
-            self.inner.hooks.force_released(&key, removed.as_ref()),
-        )
-        .await;
+        self.inner
+            .hooks
+            .call("force_released", |h| {
+                h.force_released(&key, removed.as_ref())
+            })
+            .await;
         Ok(removed)
     }
 
@@ -900,7 +908,10 @@ impl Locker {
         outcome: Result<T>,
     ) -> Result<T> {
         if let Err(error) = &outcome {
-            call_hook("error", self.inner.hooks.error(op, key, error)).await;
+            self.inner
+                .hooks
+                .call("error", |h| h.error(op, key, error))
+                .await;
         }
         outcome
     }
