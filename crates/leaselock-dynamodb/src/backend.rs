@@ -921,8 +921,11 @@ impl LockBackend for DynamoDbBackend {
             Some(expires) => self.cleanup_clause(expires),
             None => ("", None),
         };
+        // A new item's counter starts at the wall clock in milliseconds (`:now`), so an item
+        // deleted by the time to live and created again continues above every token it handed
+        // out.
         let mut update = "SET #o = :owner, #v = :version, #a = :now, \
-                          #t = if_not_exists(#t, :floor) + :one"
+                          #t = if_not_exists(#t, :now) + :one"
             .to_owned();
         if expires.is_some() {
             update.push_str(", #l = :lease, #e = :expires");
@@ -943,9 +946,6 @@ impl LockBackend for DynamoDbBackend {
             values.insert(":expires".into(), number(millis(expires)));
         }
         values.insert(":now".into(), number(now_ms));
-        // A new item's counter starts at the wall clock in milliseconds, so an item deleted by
-        // the time to live and created again continues above every token it handed out.
-        values.insert(":floor".into(), number(now_ms));
         values.insert(":one".into(), number(1));
         if let Some(value) = cleanup_value {
             values.insert(":cleanup".into(), value);
@@ -969,21 +969,21 @@ impl LockBackend for DynamoDbBackend {
                 update,
                 &condition,
                 values,
-                ReturnValue::UpdatedNew,
+                // The old values of the attributes the write changed, rather than the new
+                // ones: after a release that is the token alone, a smaller answer to parse.
+                ReturnValue::UpdatedOld,
                 true,
             )
             .await?
         {
-            Write::Done(attributes) => {
+            Write::Done(old) => {
                 self.forget(key);
-                let token = attributes
-                    .as_ref()
-                    .and_then(|a| a.get(ATTR_TOKEN))
-                    .and_then(|v| v.as_n().ok())
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .ok_or_else(|| {
-                        invalid_data(self.table(), "the acquiring write returned no token")
-                    })?;
+                let token = acquired_token(old.as_ref(), now_ms).ok_or_else(|| {
+                    invalid_data(
+                        self.table(),
+                        "the item's previous token is not a whole number",
+                    )
+                })?;
                 if ripe.is_some() {
                     tracing::debug!(%key, token, "took over a lease whose record was unchanged for a whole lease duration");
                 }
@@ -1155,6 +1155,17 @@ fn names_in(expressions: &[&str]) -> HashMap<String, String> {
         .collect()
 }
 
+/// The token an acquiring write set, from the attributes' values before it: the counter moves
+/// by exactly one (`if_not_exists(#t, :now) + :one`), and starts at `now_ms` on a new item.
+/// `None` when the old token is not a whole number below `u64::MAX`.
+fn acquired_token(old: Option<&Item>, now_ms: u64) -> Option<u64> {
+    let previous = match old.and_then(|attributes| attributes.get(ATTR_TOKEN)) {
+        None => now_ms,
+        Some(value) => value.as_n().ok()?.parse::<u64>().ok()?,
+    };
+    previous.checked_add(1)
+}
+
 fn string(value: &str) -> AttributeValue {
     AttributeValue::S(value.to_owned())
 }
@@ -1199,6 +1210,20 @@ mod tests {
                 assert!(a == b || !b.starts_with(a), "{a} {b}");
             }
         }
+    }
+
+    #[test]
+    fn the_acquired_token_is_one_above_the_old_one_or_the_clock() {
+        let old = |token: AttributeValue| HashMap::from([(ATTR_TOKEN.to_owned(), token)]);
+        assert_eq!(acquired_token(Some(&old(number(41))), 7), Some(42));
+        // A new item, or one that had no token: the counter started at the clock.
+        assert_eq!(
+            acquired_token(None, 1_700_000_000_000),
+            Some(1_700_000_000_001)
+        );
+        assert_eq!(acquired_token(Some(&HashMap::new()), 7), Some(8));
+        assert_eq!(acquired_token(Some(&old(string("41"))), 7), None);
+        assert_eq!(acquired_token(Some(&old(number(u64::MAX))), 7), None);
     }
 
     #[test]
