@@ -415,21 +415,7 @@ impl DynamoDbBackend {
                 )),
             }
         };
-        let num = |name: &str| -> Result<Option<u64>> {
-            match item.get(name) {
-                None | Some(AttributeValue::Null(_)) => Ok(None),
-                Some(AttributeValue::N(n)) => n.parse::<u64>().map(Some).map_err(|_| {
-                    invalid_data(
-                        table,
-                        format!("attribute `{name}` is not a whole number: {n}"),
-                    )
-                }),
-                Some(other) => Err(invalid_data(
-                    table,
-                    format!("attribute `{name}` is not a number: {other:?}"),
-                )),
-            }
-        };
+        let num = |name: &str| whole_number(table, item, name);
         Ok(Record {
             key: text(ATTR_KEY)?,
             token: num(ATTR_TOKEN)?.unwrap_or(0),
@@ -978,12 +964,7 @@ impl LockBackend for DynamoDbBackend {
         {
             Write::Done(old) => {
                 self.forget(key);
-                let token = acquired_token(old.as_ref(), now_ms).ok_or_else(|| {
-                    invalid_data(
-                        self.table(),
-                        "the item's previous token is not a whole number",
-                    )
-                })?;
+                let token = acquired_token(self.table(), old.as_ref(), now_ms)?;
                 if ripe.is_some() {
                     tracing::debug!(%key, token, "took over a lease whose record was unchanged for a whole lease duration");
                 }
@@ -1155,15 +1136,38 @@ fn names_in(expressions: &[&str]) -> HashMap<String, String> {
         .collect()
 }
 
+/// The whole-number attribute `name` of `item` (tokens, milliseconds); `None` when it is absent
+/// or null.
+fn whole_number(table: &str, item: &Item, name: &str) -> Result<Option<u64>> {
+    match item.get(name) {
+        None | Some(AttributeValue::Null(_)) => Ok(None),
+        Some(AttributeValue::N(n)) => n.parse::<u64>().map(Some).map_err(|_| {
+            invalid_data(
+                table,
+                format!("attribute `{name}` is not a whole number: {n}"),
+            )
+        }),
+        Some(other) => Err(invalid_data(
+            table,
+            format!("attribute `{name}` is not a number: {other:?}"),
+        )),
+    }
+}
+
 /// The token an acquiring write set, from the attributes' values before it: the counter moves
 /// by exactly one (`if_not_exists(#t, :now) + :one`), and starts at `now_ms` on a new item.
-/// `None` when the old token is not a whole number below `u64::MAX`.
-fn acquired_token(old: Option<&Item>, now_ms: u64) -> Option<u64> {
-    let previous = match old.and_then(|attributes| attributes.get(ATTR_TOKEN)) {
-        None => now_ms,
-        Some(value) => value.as_n().ok()?.parse::<u64>().ok()?,
+/// An error when the old token is not a whole number below `u64::MAX`.
+fn acquired_token(table: &str, old: Option<&Item>, now_ms: u64) -> Result<u64> {
+    let previous = match old {
+        Some(item) => whole_number(table, item, ATTR_TOKEN)?,
+        None => None,
     };
-    previous.checked_add(1)
+    previous.unwrap_or(now_ms).checked_add(1).ok_or_else(|| {
+        invalid_data(
+            table,
+            format!("attribute `{ATTR_TOKEN}` is at the largest token"),
+        )
+    })
 }
 
 fn string(value: &str) -> AttributeValue {
@@ -1215,15 +1219,13 @@ mod tests {
     #[test]
     fn the_acquired_token_is_one_above_the_old_one_or_the_clock() {
         let old = |token: AttributeValue| HashMap::from([(ATTR_TOKEN.to_owned(), token)]);
-        assert_eq!(acquired_token(Some(&old(number(41))), 7), Some(42));
+        let token = |old: Option<&Item>, now_ms| acquired_token("locks", old, now_ms).ok();
+        assert_eq!(token(Some(&old(number(41))), 7), Some(42));
         // A new item, or one that had no token: the counter started at the clock.
-        assert_eq!(
-            acquired_token(None, 1_700_000_000_000),
-            Some(1_700_000_000_001)
-        );
-        assert_eq!(acquired_token(Some(&HashMap::new()), 7), Some(8));
-        assert_eq!(acquired_token(Some(&old(string("41"))), 7), None);
-        assert_eq!(acquired_token(Some(&old(number(u64::MAX))), 7), None);
+        assert_eq!(token(None, 1_700_000_000_000), Some(1_700_000_000_001));
+        assert_eq!(token(Some(&HashMap::new()), 7), Some(8));
+        assert_eq!(token(Some(&old(string("41"))), 7), None);
+        assert_eq!(token(Some(&old(number(u64::MAX))), 7), None);
     }
 
     #[test]
