@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::target::DEFAULT_URL;
-
 /// Run any command under a distributed lock; show and break locks.
 ///
 /// The lock lives in a database picked by --url (or LEASELOCK_URL). The default is an SQLite file
@@ -26,16 +24,20 @@ pub struct Cli {
     /// (?strategy=advisory|table), mysql://USER:PASSWORD@HOST/DB (?strategy=get_lock|table),
     /// mongodb://USER:PASSWORD@HOST/DB (or mongodb+srv://; ?collection=NAME),
     /// dynamodb://TABLE?endpoint=URL&region=NAME (credentials from the AWS configuration chain).
-    /// Passwords are never printed.
+    /// Passwords are never printed. Default: sqlite://leaselock.db.
     #[arg(
         long,
         env = "LEASELOCK_URL",
-        default_value = DEFAULT_URL,
         hide_env_values = true,
         global = true,
         value_name = "URL"
     )]
-    pub url: String,
+    pub url: Option<String>,
+
+    /// Read the URL from the first line of FILE instead, so that its password appears neither
+    /// on the command line (`ps`) nor in the environment. Conflicts with --url/LEASELOCK_URL.
+    #[arg(long, env = "LEASELOCK_URL_FILE", global = true, value_name = "FILE")]
+    pub url_file: Option<std::path::PathBuf>,
 
     /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -51,12 +53,18 @@ pub struct Cli {
 pub enum Command {
     /// Run a command while holding the lock KEY (like flock(1), across machines).
     ///
-    /// Acquires KEY (waiting as asked), runs COMMAND with LEASELOCK_KEY, LEASELOCK_OWNER and
-    /// LEASELOCK_TOKEN (the fencing token) in its environment, keeps the lease refreshed, and
-    /// always releases it. SIGINT, SIGTERM and SIGHUP are forwarded to the command. If the lease
-    /// is lost while the command runs, the command gets SIGTERM, then SIGKILL after
-    /// --kill-grace, and leaselock exits with --lost-exit-code (75). Otherwise the command's exit
-    /// code is passed through (128+N when it was killed by signal N).
+    /// Acquires KEY (waiting as asked), runs COMMAND in its own process group with
+    /// LEASELOCK_KEY, LEASELOCK_OWNER, LEASELOCK_TOKEN (the fencing token) and LEASELOCK_URL
+    /// (password masked) in its environment, keeps the lease refreshed, and always releases it.
+    ///
+    /// The command never outlives the lock. SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2
+    /// and SIGALRM are forwarded to its whole process group (a signal inherited as ignored, as
+    /// under nohup, stays ignored). If leaselock itself dies (SIGKILL, any other signal), the
+    /// whole group is killed with SIGKILL at once. If the lease is lost, the group gets SIGTERM,
+    /// then SIGKILL after --kill-grace, and leaselock exits with --lost-exit-code (75).
+    /// Processes the command leaves running when it exits get SIGTERM, then SIGKILL after
+    /// --kill-grace, before the lock is released. Otherwise the command's exit code is passed
+    /// through (128+N when it was killed by signal N).
     #[command(after_help = crate::exit::TABLE)]
     Run(RunArgs),
 
@@ -109,15 +117,17 @@ pub struct RunArgs {
     #[arg(short = 'n', long, visible_alias = "nonblock")]
     pub no_wait: bool,
 
-    /// Exit code when the lock is held and --no-wait is given, or --wait runs out.
-    #[arg(short = 'E', long, default_value_t = crate::exit::CONFLICT, value_name = "CODE")]
+    /// Exit code when the lock is held and --no-wait is given, or --wait runs out (flock(1)
+    /// uses 1: `-E 1` for scripts written for flock).
+    #[arg(short = 'E', long, default_value_t = crate::exit::NOT_ACQUIRED, value_name = "CODE")]
     pub conflict_exit_code: u8,
 
     /// Exit code when the lease is lost while the command runs.
     #[arg(long, default_value_t = crate::exit::LOST, value_name = "CODE")]
     pub lost_exit_code: u8,
 
-    /// After the lease is lost: how long the command has to exit after SIGTERM before SIGKILL.
+    /// After the lease is lost, or after the command exited leaving processes running: how long
+    /// they have to exit after SIGTERM before SIGKILL.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub kill_grace: Duration,
 
@@ -134,6 +144,14 @@ pub struct RunArgs {
     /// stderr.
     #[arg(short, long)]
     pub quiet: bool,
+
+    /// Run only when needed: run CHECK (with `sh -c`) first without the lock. Exit 0 means
+    /// there is nothing to do: leaselock exits 0 without taking the lock. Exit 1 means the work
+    /// is needed: leaselock acquires the lock, runs CHECK again under it (another process may
+    /// have just done the work) and runs COMMAND only if it still exits 1. Any other exit code
+    /// is a failed check: leaselock exits with it and runs nothing.
+    #[arg(long, value_name = "CHECK")]
+    pub check: Option<String>,
 
     /// The command to run and its arguments, after `--`.
     #[arg(last = true, value_name = "COMMAND")]

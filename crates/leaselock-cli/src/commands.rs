@@ -10,13 +10,13 @@ use crate::cli::{Cli, Command, KeyArgs, ListArgs, ReleaseArgs, StatusArgs};
 use crate::exit::{Failure, CONFLICT, INTERNAL, OK, STORAGE};
 use crate::logging::{out, say};
 use crate::output::{list_table, native_text, status_text, LockView, StateView};
-use crate::target::{NativeName, Target};
+use crate::target::{NativeName, StorageUrl, Target};
 
 /// Runs the parsed command line; returns the exit code (having printed any failure).
-pub async fn dispatch(cli: Cli) -> u8 {
-    let url = cli.url;
+pub async fn dispatch(cli: Cli, storage: StorageUrl) -> u8 {
+    let url = storage.url.clone();
     let outcome = match cli.command {
-        Command::Run(args) => crate::run::run(&url, args).await,
+        Command::Run(args) => crate::run::run(&storage, args).await,
         Command::Status(args) => status(&url, args).await,
         Command::List(args) => list(&url, args).await,
         Command::Release(args) => release(&url, args).await,

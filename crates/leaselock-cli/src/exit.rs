@@ -1,19 +1,23 @@
 //! Exit codes and the one error type of the command.
 //!
-//! The codes follow flock(1) where it has one: 1 when the lock could not be acquired without
-//! waiting or in time, the command's own status when it ran, 128+N when it was killed by signal
-//! N, and sysexits.h values for the rest (66 when the lock storage cannot be opened, 69 when the
-//! command cannot be started). Bad usage is 2, as for every clap program.
+//! The command's own status passes through when it ran (128+N when it was killed by signal N).
+//! What leaselock itself reports has codes a deploy script can tell from the command's usual
+//! failures: 124 when `run` did not get the lock (timeout(1)'s "timed out"; flock(1) uses 1,
+//! `-E 1` restores it), 75 when the lease was lost while the command ran, and sysexits.h values
+//! for the rest (66 when the lock storage cannot be opened, 69 when the command cannot be
+//! started). Bad usage is 2, as for every clap program.
 
 use std::error::Error as StdError;
 use std::fmt;
 
 /// Success.
 pub const OK: u8 = 0;
-/// The lock is held by someone else: `run --no-wait` found it held, `run --wait` timed out
-/// (flock's default; `--conflict-exit-code` changes it for `run`), or `release --if-stale`
-/// refused to break a live lease.
+/// `release --if-stale` refused to break a live lease.
 pub const CONFLICT: u8 = 1;
+/// `run` did not get the lock: `--no-wait` found it held, or `--wait` ran out (`timeout(1)`'s
+/// "timed out" code, distinct from a command's usual failures; `-E` changes it, `-E 1` is
+/// flock's).
+pub const NOT_ACQUIRED: u8 = 124;
 /// Bad usage or input: unknown scheme, malformed URL, missing command, invalid key or duration.
 /// Nothing was touched.
 pub const USAGE: u8 = 2;
@@ -34,17 +38,19 @@ pub const SIGNALED: u8 = 128;
 
 /// The exit-code table printed by `--help` and kept in the README.
 pub const TABLE: &str = "\
-Exit codes (flock(1)-compatible where flock has one):
-  0        success (for `run`: the command exited 0)
-  1        lock held: --no-wait found it held, or --wait timed out (change with
-           --conflict-exit-code); `release --if-stale` refused to break a live lease
+Exit codes:
+  0        success (for `run`: the command exited 0, or --check found nothing to do)
+  1        `release --if-stale` refused to break a live lease
   2        bad usage or input (unknown scheme, malformed URL, missing `--` command,
            invalid key or duration); nothing was touched
   66       lock storage cannot be opened, reached, created or used; `check` failed
-  69       the command could not be started (not found, not executable)
+  69       the command could not be started (not found, not executable); checked
+           before the lock is taken
   70       internal error
-  75       the lease was lost while the command ran; the command was stopped
-           (change with --lost-exit-code)
+  75       the lease was lost while the command ran; the command's process group was
+           stopped (change with --lost-exit-code)
+  124      `run` did not get the lock: --no-wait found it held, or --wait ran out
+           (change with -E/--conflict-exit-code; `-E 1` is flock's code)
   128+N    the command (or leaselock while waiting) was killed by signal N
   other    the command's own exit code, passed through";
 

@@ -15,6 +15,7 @@ mod logging;
 mod output;
 mod run;
 mod target;
+mod tree;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -24,12 +25,24 @@ use clap::error::ErrorKind;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // `leaselock run` starts the command through a copy of this binary (see `tree`).
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|arg| arg == tree::SHIM_ARG) {
+        return tree::shim_main(&args[2..]);
+    }
     register_url_secrets();
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => return clap_failure(&error),
     };
     logging::init(cli.verbose);
+    let url = match target::StorageUrl::resolve(cli.url.as_deref(), cli.url_file.as_deref()) {
+        Ok(url) => url,
+        Err(failure) => {
+            logging::say(&failure.message);
+            return ExitCode::from(failure.code);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -40,7 +53,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::INTERNAL);
         }
     };
-    let code = runtime.block_on(commands::dispatch(cli));
+    let code = runtime.block_on(commands::dispatch(cli, url));
     // Do not wait long for stray blocking work (a backend call abandoned by an interrupt).
     runtime.shutdown_timeout(Duration::from_secs(2));
     ExitCode::from(code)

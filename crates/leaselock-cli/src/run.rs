@@ -13,9 +13,7 @@ use leaselock::{
     validate_lease_duration, Error, HookResult, LockGuard, LockHooks, LockInfo, LockKey, Locker,
     LockerBuilder, MemoryBackend, OwnerId, WaitPolicy,
 };
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-use tokio::process::Child;
+use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
@@ -24,7 +22,8 @@ use crate::commands::{connect, ensure_storage, key};
 use crate::exit::{from_status, Failure, CANNOT_RUN, INTERNAL, SIGNALED};
 use crate::logging::say;
 use crate::output::{human_duration, LockView};
-use crate::target::Target;
+use crate::target::{StorageUrl, Target};
+use crate::tree::{Spec, Tree};
 
 /// "Wait as long as it takes": a year, the longest wait the orchestrator accepts.
 const FOREVER: Duration = Duration::from_secs(365 * 24 * 60 * 60);
@@ -33,7 +32,7 @@ const FOREVER: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 const REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs `leaselock run`; returns the exit code.
-pub async fn run(url: &str, args: RunArgs) -> Result<u8, Failure> {
+pub async fn run(storage: &StorageUrl, args: RunArgs) -> Result<u8, Failure> {
     // Everything is checked before anything is opened: bad input touches nothing.
     let Some((program, program_args)) = args.command.split_first() else {
         return Err(Failure::usage(
@@ -49,6 +48,27 @@ pub async fn run(url: &str, args: RunArgs) -> Result<u8, Failure> {
     }
     if let Some(owner) = &args.owner {
         OwnerId::new(owner.as_str()).map_err(|e| Failure::lock("", &e))?;
+    }
+    // A command that cannot start is found before the lock is taken (its absence is bad input,
+    // not a reason to hold a lock).
+    if which::which(program).is_err() {
+        let name = program.to_string_lossy();
+        let why = if name.contains('/') {
+            "no such file, or not executable"
+        } else {
+            "not found in PATH, or not executable"
+        };
+        return Err(Failure::new(
+            CANNOT_RUN,
+            format!("cannot run `{name}`: {why}"),
+        ));
+    }
+    if args
+        .check
+        .as_deref()
+        .is_some_and(|check| check.trim().is_empty())
+    {
+        return Err(Failure::usage("invalid --check: must not be empty"));
     }
     let wait = wait_policy(&args);
     let reporter = Arc::new(WaitReporter::new(args.quiet, &args));
@@ -67,11 +87,30 @@ pub async fn run(url: &str, args: RunArgs) -> Result<u8, Failure> {
     configure(Locker::builder(MemoryBackend::new()))
         .build()
         .map_err(|e| Failure::lock("", &e))?;
-    let target = Target::parse(url)?;
+    let target = Target::parse(&storage.url)?;
+    let (url_env, url_env_remove) = storage.child_env(target.display());
 
     // From here on signals are ours to handle (and forward), also while waiting.
     let mut signals = Signals::install()
         .map_err(|e| Failure::new(INTERNAL, format!("cannot handle signals: {e}")))?;
+
+    // Run only when needed: the check runs first without the lock, and once more under it.
+    if let Some(check) = &args.check {
+        let tree = spawn_check(check, url_env.clone(), url_env_remove, args.kill_grace)?;
+        match check_outcome(check, tree, None, &mut signals, &key, args.kill_grace).await? {
+            Check::Needed => {}
+            Check::NotNeeded => {
+                if !args.quiet {
+                    say(&format!(
+                        "the check says there is nothing to do; `{key}` not taken, the command \
+                         not run"
+                    ));
+                }
+                return Ok(crate::exit::OK);
+            }
+            Check::Failed(code) => return Ok(code),
+        }
+    }
 
     // Connecting, creating storage and waiting can all take long: a signal interrupts them.
     let prepare = async {
@@ -103,14 +142,60 @@ pub async fn run(url: &str, args: RunArgs) -> Result<u8, Failure> {
     reporter.report_acquired(&key);
     tracing::info!(%key, owner = %guard.owner(), token = %guard.token(), "lock acquired; starting the command");
 
-    let mut command = tokio::process::Command::new(program);
-    command
-        .args(program_args)
-        .env("LEASELOCK_KEY", key.as_str())
-        .env("LEASELOCK_OWNER", guard.owner().as_str())
-        .env("LEASELOCK_TOKEN", guard.token().to_string());
-    let child = match command.spawn() {
-        Ok(child) => child,
+    // The URL goes with its password masked (or as the --url-file path): a nested `leaselock`
+    // finds the same storage, and refuses a masked password with a clear message.
+    let mut env = url_env;
+    env.extend([
+        ("LEASELOCK_KEY", key.as_str().to_owned()),
+        ("LEASELOCK_OWNER", guard.owner().as_str().to_owned()),
+        ("LEASELOCK_TOKEN", guard.token().to_string()),
+    ]);
+
+    if let Some(check) = &args.check {
+        // Someone else may have done the work while this process waited for the lock.
+        let tree = spawn_check(check, env.clone(), url_env_remove, args.kill_grace)?;
+        match check_outcome(
+            check,
+            tree,
+            Some(&guard),
+            &mut signals,
+            &key,
+            args.kill_grace,
+        )
+        .await
+        {
+            Ok(Check::Needed) => {}
+            Ok(Check::NotNeeded) => {
+                let still_held = release(guard, &key, args.ttl, &mut signals).await;
+                if !args.quiet {
+                    say(&format!(
+                        "`{key}` acquired, but the check says there is nothing to do any more \
+                         (another process did it); not running the command"
+                    ));
+                }
+                let _ = still_held;
+                return Ok(crate::exit::OK);
+            }
+            Ok(Check::Failed(code)) => {
+                release(guard, &key, args.ttl, &mut signals).await;
+                return Ok(code);
+            }
+            Err(failure) => {
+                release(guard, &key, args.ttl, &mut signals).await;
+                return Err(failure);
+            }
+        }
+    }
+
+    let spec = Spec {
+        program,
+        args: program_args,
+        env,
+        env_remove: url_env_remove,
+        grace: args.kill_grace,
+    };
+    let tree = match Tree::spawn(&spec) {
+        Ok(tree) => tree,
         Err(e) => {
             release(guard, &key, args.ttl, &mut signals).await;
             return Err(Failure::new(
@@ -120,7 +205,7 @@ pub async fn run(url: &str, args: RunArgs) -> Result<u8, Failure> {
         }
     };
 
-    let end = supervise(child, &guard, &mut signals, &key, args.kill_grace).await;
+    let end = supervise(tree, Some(&guard), &mut signals, &key, args.kill_grace).await;
     let lost_before_release = guard.is_lost();
     let still_held = release(guard, &key, args.ttl, &mut signals).await;
     match end {
@@ -149,6 +234,75 @@ pub async fn run(url: &str, args: RunArgs) -> Result<u8, Failure> {
             Ok(from_status(status))
         }
     }
+}
+
+/// What a `--check` command said.
+enum Check {
+    /// Exit 1: the work is to be done.
+    Needed,
+    /// Exit 0: nothing to do.
+    NotNeeded,
+    /// Any other status: the check itself failed; exit with this code.
+    Failed(u8),
+}
+
+/// Starts the `--check` command (`sh -c CHECK`) in its own supervised process group.
+fn spawn_check(
+    check: &str,
+    env: Vec<(&'static str, String)>,
+    env_remove: &[&'static str],
+    grace: Duration,
+) -> Result<Tree, Failure> {
+    let sh = std::ffi::OsString::from("/bin/sh");
+    let args = [
+        std::ffi::OsString::from("-c"),
+        std::ffi::OsString::from(check),
+    ];
+    Tree::spawn(&Spec {
+        program: &sh,
+        args: &args,
+        env,
+        env_remove,
+        grace,
+    })
+    .map_err(|e| Failure::new(CANNOT_RUN, format!("cannot run the check `{check}`: {e}")))
+}
+
+async fn check_outcome(
+    check: &str,
+    tree: Tree,
+    guard: Option<&LockGuard>,
+    signals: &mut Signals,
+    key: &LockKey,
+    grace: Duration,
+) -> Result<Check, Failure> {
+    let end = supervise(tree, guard, signals, key, grace)
+        .await
+        .map_err(|e| Failure::new(INTERNAL, format!("lost track of the check: {e}")))?;
+    let status = match end {
+        End::Exited(status) => status,
+        End::Lost { status } => {
+            return Err(Failure::new(
+                crate::exit::LOST,
+                format!(
+                    "the lease on `{key}` was lost while the check ran ({})",
+                    describe_status(status)
+                ),
+            ))
+        }
+    };
+    Ok(match from_status(status) {
+        0 => Check::NotNeeded,
+        1 => Check::Needed,
+        code => {
+            say(&format!(
+                "the check `{check}` failed ({}); not running the command (a check exits 0 \
+                 when there is nothing to do, 1 when there is)",
+                describe_status(status)
+            ));
+            Check::Failed(code)
+        }
+    })
 }
 
 fn wait_policy(args: &RunArgs) -> WaitPolicy {
@@ -223,59 +377,55 @@ enum End {
     Lost { status: ExitStatus },
 }
 
-/// Waits for the command, forwarding signals to it, and stops it (SIGTERM, then SIGKILL after
-/// `grace`) when the lease is lost.
+/// Waits for the command's tree, forwarding signals to its group, and stops the group (SIGTERM,
+/// then SIGKILL after `grace`) when the lease is lost.
 async fn supervise(
-    mut child: Child,
-    guard: &LockGuard,
+    mut tree: Tree,
+    guard: Option<&LockGuard>,
     signals: &mut Signals,
     key: &LockKey,
     grace: Duration,
 ) -> std::io::Result<End> {
-    // The child is reaped only by `wait` below, so its pid cannot be reused while we signal it.
-    let pid = child
-        .id()
-        .and_then(|id| i32::try_from(id).ok())
-        .map(Pid::from_raw);
-    let lost_signal = guard.lost().clone();
+    let lost_signal = guard.map(|guard| guard.lost().clone());
     let mut lost = false;
     let mut kill_at: Option<Instant> = None;
     loop {
         tokio::select! {
-            status = child.wait() => {
+            status = tree.wait() => {
                 let status = status?;
                 return Ok(if lost { End::Lost { status } } else { End::Exited(status) });
             }
-            reason = lost_signal.wait(), if !lost => {
+            reason = wait_lost(lost_signal.as_ref()), if !lost => {
                 lost = true;
                 say(&format!(
                     "the lease on `{key}` was lost while the command ran ({reason}); sending \
-                     SIGTERM to it, SIGKILL in {}",
+                     SIGTERM to its process group, SIGKILL in {}",
                     human_duration(grace)
                 ));
-                send(pid, Signal::SIGTERM);
+                tree.signal(Signal::SIGTERM);
                 kill_at = Some(Instant::now() + grace);
             }
             _ = sleep_until(kill_at), if kill_at.is_some() => {
                 say(&format!(
-                    "the command did not exit within {} of SIGTERM; sending SIGKILL",
+                    "the command did not exit within {} of SIGTERM; sending SIGKILL to its \
+                     process group",
                     human_duration(grace)
                 ));
-                send(pid, Signal::SIGKILL);
+                tree.signal(Signal::SIGKILL);
                 kill_at = None;
             }
             sig = signals.recv() => {
-                tracing::info!(signal = sig.as_str(), "forwarding signal to the command");
-                send(pid, sig);
+                tracing::info!(signal = sig.as_str(), "forwarding signal to the command's process group");
+                tree.signal(sig);
             }
         }
     }
 }
 
-fn send(pid: Option<Pid>, sig: Signal) {
-    let Some(pid) = pid else { return };
-    if let Err(e) = kill(pid, sig) {
-        tracing::debug!(signal = sig.as_str(), %e, "could not signal the command (already gone?)");
+async fn wait_lost(lost: Option<&leaselock::LostSignal>) -> String {
+    match lost {
+        Some(lost) => lost.wait().await.to_string(),
+        None => std::future::pending().await,
     }
 }
 
@@ -302,30 +452,32 @@ fn describe_status(status: ExitStatus) -> String {
     }
 }
 
-/// The signals leaselock handles while it waits and while the command runs.
+/// The signals leaselock handles while it waits and while the command runs: every signal of
+/// [`crate::tree::FORWARDED`] that was not inherited as ignored.
 struct Signals {
-    interrupt: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
-    hangup: tokio::signal::unix::Signal,
+    streams: Vec<(Signal, tokio::signal::unix::Signal)>,
 }
 
 impl Signals {
     fn install() -> std::io::Result<Self> {
-        Ok(Self {
-            interrupt: signal(SignalKind::interrupt())?,
-            terminate: signal(SignalKind::terminate())?,
-            hangup: signal(SignalKind::hangup())?,
-        })
+        let mut streams = Vec::new();
+        for sig in crate::tree::handled_signals() {
+            streams.push((sig, signal(SignalKind::from_raw(sig as i32))?));
+        }
+        Ok(Self { streams })
     }
 
     /// The next signal received.
     async fn recv(&mut self) -> Signal {
-        tokio::select! {
-            Some(()) = self.interrupt.recv() => Signal::SIGINT,
-            Some(()) = self.terminate.recv() => Signal::SIGTERM,
-            Some(()) = self.hangup.recv() => Signal::SIGHUP,
-            else => std::future::pending().await,
-        }
+        std::future::poll_fn(|cx| {
+            for (sig, stream) in &mut self.streams {
+                if let std::task::Poll::Ready(Some(())) = stream.poll_recv(cx) {
+                    return std::task::Poll::Ready(*sig);
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
     }
 }
 

@@ -33,6 +33,82 @@ const SECRET_PARAMS: &[&str] = &[
 /// The schemes this build accepts, for messages.
 const AVAILABLE: &str = "sqlite, postgres, mysql, mongodb, dynamodb";
 
+/// The URL of the lock storage, and where it came from.
+#[derive(Clone)]
+pub struct StorageUrl {
+    /// The URL, secrets included: never print it (print [`Target::display`]).
+    pub url: String,
+    /// The file it was read from (`--url-file`), if it was.
+    pub file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for StorageUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageUrl")
+            .field("url", &redact(&self.url))
+            .field("file", &self.file)
+            .finish()
+    }
+}
+
+impl StorageUrl {
+    /// The URL from `--url`/`LEASELOCK_URL` or `--url-file`/`LEASELOCK_URL_FILE` (not both),
+    /// else [`DEFAULT_URL`]. The file's first line is the URL; its secrets are registered for
+    /// scrubbing before anything can print them.
+    pub fn resolve(url: Option<&str>, file: Option<&std::path::Path>) -> Result<Self, Failure> {
+        match (url, file) {
+            (Some(_), Some(_)) => Err(Failure::usage(
+                "give the URL once: either --url (or LEASELOCK_URL) or --url-file (or \
+                 LEASELOCK_URL_FILE)",
+            )),
+            (Some(url), None) => Ok(Self {
+                url: url.to_owned(),
+                file: None,
+            }),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    Failure::usage(format!("cannot read --url-file {}: {e}", path.display()))
+                })?;
+                let url = text.lines().next().unwrap_or("").trim().to_owned();
+                register_secrets(&url);
+                if url.is_empty() {
+                    return Err(Failure::usage(format!(
+                        "--url-file {}: the first line is empty; it must hold the URL",
+                        path.display()
+                    )));
+                }
+                Ok(Self {
+                    url,
+                    file: Some(path.to_path_buf()),
+                })
+            }
+            (None, None) => Ok(Self {
+                url: DEFAULT_URL.to_owned(),
+                file: None,
+            }),
+        }
+    }
+
+    /// The variables to set (and remove) in a command's environment so that a `leaselock` it
+    /// runs finds the same storage, without the password: the `--url-file` path when the URL
+    /// came from one, otherwise the URL with its password masked.
+    pub fn child_env(
+        &self,
+        display: &str,
+    ) -> (Vec<(&'static str, String)>, &'static [&'static str]) {
+        match &self.file {
+            Some(path) => (
+                vec![("LEASELOCK_URL_FILE", path.display().to_string())],
+                &["LEASELOCK_URL"],
+            ),
+            None => (
+                vec![("LEASELOCK_URL", display.to_owned())],
+                &["LEASELOCK_URL_FILE"],
+            ),
+        }
+    }
+}
+
 /// The backends this build can open, by URL scheme.
 ///
 /// Backend crates slot in here: add the scheme to [`Scheme::from_name`], a pre-connection check
@@ -97,6 +173,13 @@ impl Target {
     pub fn parse(url: &str) -> Result<Self, Failure> {
         register_secrets(url);
         let display = redact(url);
+        if has_masked_password(url) {
+            return Err(Failure::usage(format!(
+                "the password in `{display}` is `{MASK}`, the mask leaselock shows instead of a \
+                 password (a command run by `leaselock run` gets the URL masked): give the real \
+                 URL, or keep the password out of sight with --url-file"
+            )));
+        }
         let scheme_name = match url.split_once(':') {
             Some((scheme, _)) if is_scheme(scheme) => scheme.to_ascii_lowercase(),
             _ => {
@@ -465,6 +548,16 @@ fn url_param(url: &str, name: &str) -> Option<String> {
         .query_pairs()
         .find(|(n, _)| n == name)
         .map(|(_, value)| value.into_owned())
+}
+
+/// Whether the URL's password is literally the mask (`***`, or `%2A%2A%2A`).
+fn has_masked_password(url: &str) -> bool {
+    match Url::parse(url) {
+        Ok(parsed) => parsed
+            .password()
+            .is_some_and(|p| p == MASK || p.eq_ignore_ascii_case("%2A%2A%2A")),
+        Err(_) => url.contains(&format!(":{MASK}@")) || url.contains(&format!("://{MASK}@")),
+    }
 }
 
 fn is_scheme(scheme: &str) -> bool {

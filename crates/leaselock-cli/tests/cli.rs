@@ -258,7 +258,7 @@ fn no_wait_on_a_held_key_exits_with_the_conflict_code() {
     let holder = env.hold("busy", &[], HOLD_UNTIL_STOP);
 
     let done = env.run(&["run", "busy", "--no-wait", "--", "touch", "ran"]);
-    assert_eq!(done.code, Some(1), "{done:?}");
+    assert_eq!(done.code, Some(124), "{done:?}");
     assert_one_line_error(&done, "conflict");
     assert!(done.stderr.contains("held by"), "{done:?}");
     assert!(
@@ -270,12 +270,14 @@ fn no_wait_on_a_held_key_exits_with_the_conflict_code() {
     let done = env.run(&["run", "busy", "-n", "-E", "42", "--", "true"]);
     assert_eq!(done.code, Some(42), "{done:?}");
     let done = env.run(&["run", "busy", "--wait", "0", "--", "true"]);
-    assert_eq!(done.code, Some(1), "--wait 0 means --no-wait: {done:?}");
+    assert_eq!(done.code, Some(124), "--wait 0 means --no-wait: {done:?}");
     let done = env.run(&["run", "busy", "--wait", "300ms", "--", "true"]);
-    assert_eq!(done.code, Some(1), "--wait timing out: {done:?}");
+    assert_eq!(done.code, Some(124), "--wait timing out: {done:?}");
     assert!(done.stderr.contains("gave up"), "{done:?}");
+    let done = env.run(&["run", "busy", "-n", "-E", "1", "--", "true"]);
+    assert_eq!(done.code, Some(1), "flock's code on request: {done:?}");
     let done = env.run(&["run", "busy", "-n", "--quiet", "--", "true"]);
-    assert_eq!(done.code, Some(1), "{done:?}");
+    assert_eq!(done.code, Some(124), "{done:?}");
     assert_eq!(done.stderr, "", "--quiet prints nothing on conflict");
 
     fs::write(env.path("stop"), "").unwrap();
@@ -772,7 +774,7 @@ fn through_the_command(env: &Env, label: &str) {
 
     let holder = env.hold(&key, &["--ttl", "5s"], HOLD_UNTIL_STOP);
     let done = env.run(&["run", &key, "--no-wait", "--", "touch", "ran"]);
-    assert_eq!(done.code, Some(1), "{label}: {done:?}");
+    assert_eq!(done.code, Some(124), "{label}: {done:?}");
     assert!(done.stderr.contains("held by"), "{label}: {done:?}");
     assert!(
         !env.path("ran").exists(),
