@@ -389,8 +389,31 @@ async fn supervise(
     let lost_signal = guard.map(|guard| guard.lost().clone());
     let mut lost = false;
     let mut kill_at: Option<Instant> = None;
+    // While leaselock is stopped the supervisor stops the command; when leaselock is continued
+    // the command is continued only if the lease survived the pause.
+    let mut continued = signal(SignalKind::from_raw(Signal::SIGCONT as i32))?;
     loop {
         tokio::select! {
+            Some(()) = continued.recv() => {
+                let held = match guard {
+                    Some(guard) if !lost => matches!(
+                        tokio::time::timeout(grace, guard.ensure_held()).await,
+                        Ok(Ok(()))
+                    ),
+                    _ => true,
+                };
+                if !held && !lost {
+                    lost = true;
+                    say(&format!(
+                        "the lease on `{key}` did not survive while leaselock was stopped; \
+                         sending SIGTERM to the command's process group, SIGKILL in {}",
+                        human_duration(grace)
+                    ));
+                    tree.signal(Signal::SIGTERM);
+                    kill_at = Some(Instant::now() + grace);
+                }
+                tree.signal(Signal::SIGCONT);
+            }
             status = tree.wait() => {
                 let status = status?;
                 return Ok(if lost { End::Lost { status } } else { End::Exited(status) });

@@ -252,6 +252,12 @@ fn adopted_or_grouped(me: Pid) -> Vec<Pid> {
     }
 }
 
+/// The state letter of process `pid` (`R`, `S`, `T` stopped, ...), where `/proc` tells.
+fn process_state(pid: Pid) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat).map(|(state, _, _)| state)
+}
+
 /// State, parent pid and process group from a `/proc/PID/stat` line. The command name (field 2)
 /// is in parentheses and may itself hold spaces and parentheses, so fields are counted from the
 /// last `)`.
@@ -273,7 +279,11 @@ pub fn shim_main(args: &[OsString]) -> ExitCode {
     // Catch every forwarded signal (so a signal meant for the command does not end the shim)
     // and SIGCHLD, before anything else: from here on no such signal can end the shim.
     let mut watched: Vec<i32> = handled_signals().iter().map(|s| *s as i32).collect();
-    watched.push(Signal::SIGCHLD as i32);
+    watched.extend([
+        Signal::SIGCHLD as i32,
+        Signal::SIGCONT as i32,
+        Signal::SIGTSTP as i32,
+    ]);
     let mut signals = match signal_hook::iterator::Signals::new(&watched) {
         Ok(signals) => signals,
         Err(e) => {
@@ -291,16 +301,28 @@ pub fn shim_main(args: &[OsString]) -> ExitCode {
     if getppid() != args.parent {
         kill_everything();
     }
-    // The backstop: a thread that watches the parent pid.
+    // The backstop: a thread that watches the parent pid, and the parent's state: while
+    // `leaselock` is stopped (SIGSTOP, SIGTSTP) it cannot refresh the lease, so the command is
+    // stopped too. `leaselock` continues it when it is continued and still holds the lock.
     let parent = args.parent;
-    std::thread::spawn(move || loop {
-        std::thread::sleep(PARENT_POLL);
-        if getppid() != parent {
-            kill_everything();
+    std::thread::spawn(move || {
+        let mut stopped = false;
+        loop {
+            std::thread::sleep(PARENT_POLL);
+            if getppid() != parent {
+                kill_everything();
+            }
+            let parent_stopped = process_state(parent).is_some_and(|s| s == 'T' || s == 't');
+            if parent_stopped && !stopped {
+                for pid in adopted_or_grouped(getpid()) {
+                    let _ = kill(pid, Signal::SIGSTOP);
+                }
+            }
+            stopped = parent_stopped;
         }
     });
 
-    let terminal = Terminal::take(args.parent);
+    let mut terminal = Terminal::take(args.parent);
     let mut command = std::process::Command::new(&args.program);
     command.args(&args.args);
     let child = match command.spawn() {
@@ -396,11 +418,26 @@ pub fn shim_main(args: &[OsString]) -> ExitCode {
         }
         // Wait for the next signal (SIGCHLD, a forwarded one, the parent's death) or a moment
         // while stopping leftovers.
-        if status.is_some() {
+        let received: Vec<i32> = if status.is_some() {
             std::thread::sleep(Duration::from_millis(20));
-            let _ = signals.pending().count();
+            signals.pending().collect()
         } else {
-            let _ = signals.wait().count();
+            signals.wait().collect()
+        };
+        for sig in received {
+            if sig == Signal::SIGTSTP as i32 {
+                // Ctrl-Z at the terminal reached the command's group: stop `leaselock` too, so
+                // that the shell gets its prompt back (`fg` continues both).
+                terminal.give_back();
+                let _ = kill(args.parent, Signal::SIGTSTP);
+            } else if sig == Signal::SIGCONT as i32 {
+                // `leaselock` was continued and still holds the lock (it sends SIGCONT to the
+                // group only then): take the terminal back if it is in the foreground, and
+                // continue whatever stopped reading the terminal meanwhile.
+                if terminal.retake(args.parent) {
+                    let _ = killpg(getpgrp(), Signal::SIGCONT);
+                }
+            }
         }
     }
 }
@@ -434,30 +471,37 @@ fn exit_like(status: WaitStatus) -> ExitCode {
 }
 
 /// The controlling terminal, when `leaselock` runs in its foreground: given to the command's
-/// group for the run, handed back after.
+/// group for the run, handed back after (and around a Ctrl-Z).
 struct Terminal {
-    /// `leaselock`'s process group, to hand the terminal back to.
+    /// `leaselock`'s process group, to hand the terminal back to, once it was handed over.
     owner: Option<Pid>,
 }
 
 impl Terminal {
     fn take(parent: Pid) -> Self {
+        let mut terminal = Self { owner: None };
+        terminal.retake(parent);
+        terminal
+    }
+
+    /// Makes the shim's group the terminal's foreground group if `leaselock`'s group is it
+    /// (never steals it from the shell after a `bg`). Whether it did.
+    fn retake(&mut self, parent: Pid) -> bool {
         let stdin = std::io::stdin();
         if !stdin.is_terminal() {
-            return Self { owner: None };
+            return false;
         }
         let Ok(parent_group) = nix::unistd::getpgid(Some(parent)) else {
-            return Self { owner: None };
+            return false;
         };
         match nix::unistd::tcgetpgrp(&stdin) {
             Ok(foreground) if foreground == parent_group => {}
-            _ => return Self { owner: None },
+            _ => return false,
         }
         // A background group that sets the foreground gets SIGTTOU unless it blocks it.
         with_ttou_blocked(|| nix::unistd::tcsetpgrp(&stdin, getpgrp()));
-        Self {
-            owner: Some(parent_group),
-        }
+        self.owner = Some(parent_group);
+        true
     }
 
     fn give_back(&self) {
