@@ -392,6 +392,7 @@ async fn supervise(
     // While leaselock is stopped the supervisor stops the command; when leaselock is continued
     // the command is continued only if the lease survived the pause.
     let mut continued = signal(SignalKind::from_raw(Signal::SIGCONT as i32))?;
+    let mut continue_again: Option<Instant> = None;
     loop {
         tokio::select! {
             Some(()) = continued.recv() => {
@@ -412,6 +413,13 @@ async fn supervise(
                     tree.signal(Signal::SIGTERM);
                     kill_at = Some(Instant::now() + grace);
                 }
+                tree.signal(Signal::SIGCONT);
+                // Once more after the supervisor's next look at leaselock: it may have decided
+                // to stop the command just before leaselock was continued.
+                continue_again = Some(Instant::now() + crate::tree::PARENT_POLL * 3);
+            }
+            _ = sleep_until(continue_again), if continue_again.is_some() => {
+                continue_again = None;
                 tree.signal(Signal::SIGCONT);
             }
             status = tree.wait() => {

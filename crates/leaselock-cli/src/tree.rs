@@ -312,7 +312,9 @@ pub fn shim_main(args: &[OsString]) -> ExitCode {
             if getppid() != parent {
                 kill_everything();
             }
-            let parent_stopped = process_state(parent).is_some_and(|s| s == 'T' || s == 't');
+            // `T` is a job-control stop; `t`, a debugger's or strace's stop at a system call,
+            // is left alone (nothing would continue the command after it).
+            let parent_stopped = process_state(parent) == Some('T');
             if parent_stopped && !stopped {
                 for pid in adopted_or_grouped(getpid()) {
                     let _ = kill(pid, Signal::SIGSTOP);
