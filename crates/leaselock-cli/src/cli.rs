@@ -109,7 +109,9 @@ pub struct RunArgs {
     pub ttl: Duration,
 
     /// Wait at most this long for the lock (`30s`, `5m`; `0` means --no-wait). Default: wait
-    /// as long as it takes, like flock(1).
+    /// as long as it takes, like flock(1). Storage that cannot be reached yet (refused, timed
+    /// out, database not created yet, server starting) is waited for within the same time;
+    /// refused credentials or permissions fail at once (exit 77).
     #[arg(short, long, value_parser = parse_duration, value_name = "DURATION", conflicts_with = "no_wait")]
     pub wait: Option<Duration>,
 

@@ -2,14 +2,16 @@
 //! what they share with `run` (opening the storage, creating it when missing).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use leaselock::{Error, LockBackend, LockKey, LockState, Locker};
+use leaselock::{Error, LockBackend, LockKey, LockState, Locker, WaitPolicy};
 use serde::Serialize;
+use tokio::time::Instant;
 
 use crate::cli::{Cli, Command, KeyArgs, ListArgs, ReleaseArgs, StatusArgs};
 use crate::exit::{Failure, CONFLICT, INTERNAL, OK, STORAGE};
 use crate::logging::{out, say};
-use crate::output::{list_table, native_text, status_text, LockView, StateView};
+use crate::output::{human_duration, list_table, native_text, status_text, LockView, StateView};
 use crate::target::{NativeName, StorageUrl, Target};
 
 /// Runs the parsed command line; returns the exit code (having printed any failure).
@@ -67,6 +69,148 @@ pub async fn ensure_storage(locker: &Locker, target: &Target) -> Result<(), Fail
             &format!("lock storage {} is not usable", target.display()),
             &e,
         )),
+    }
+}
+
+/// How long [`open_ready`] keeps trying storage that cannot be reached yet.
+#[derive(Clone, Copy, Debug)]
+pub enum StorageWait {
+    /// Not at all: the first failure is final.
+    No,
+    /// Until this much time has passed since the call.
+    For(Duration),
+    /// As long as it takes.
+    Forever,
+}
+
+/// Opens `target` and makes its storage ready as [`ensure_storage`] does, retrying what can
+/// heal within `wait`: a refused, reset or timed-out connection, a host name that does not
+/// resolve, a database that does not exist yet, a server starting up or out of connections
+/// (every [`Error::is_retryable`] error). Tries again every `interval`, and says so on stderr
+/// once per change of reason (unless `quiet`). Refused credentials or permissions, bad input and
+/// other permanent errors end it at once, with their own exit code; so does the deadline, with
+/// the last error.
+pub async fn open_ready(
+    target: &Target,
+    wait: StorageWait,
+    interval: Duration,
+    quiet: bool,
+) -> Result<Arc<dyn LockBackend>, Failure> {
+    let started = Instant::now();
+    let mut backend: Option<Arc<dyn LockBackend>> = None;
+    let mut last_reason: Option<String> = None;
+    loop {
+        let (context, error) = match attempt_ready(target, &mut backend).await {
+            Ok(ready) => {
+                if last_reason.is_some() && !quiet {
+                    say(&format!(
+                        "lock storage {} is reachable after {}",
+                        target.display(),
+                        human_duration(started.elapsed())
+                    ));
+                }
+                return Ok(ready);
+            }
+            Err(failed) => failed,
+        };
+        let left = match wait {
+            StorageWait::No => None,
+            StorageWait::For(limit) => limit
+                .checked_sub(started.elapsed())
+                .filter(|left| *left > interval),
+            StorageWait::Forever => Some(Duration::MAX),
+        };
+        let Some(left) = left.filter(|_| error.is_retryable()) else {
+            let mut failure = Failure::lock(&context, &error);
+            if last_reason.is_some() && error.is_retryable() {
+                failure.message.push_str(&format!(
+                    " (gave up after {})",
+                    human_duration(started.elapsed())
+                ));
+            }
+            return Err(failure);
+        };
+        let reason = unreachable_reason(&error);
+        if !quiet && last_reason.as_ref() != Some(&reason) {
+            let limit = match wait {
+                StorageWait::For(_) => format!("for up to {}", human_duration(left)),
+                _ => "as long as it takes".to_owned(),
+            };
+            say(&format!(
+                "cannot reach lock storage {} ({reason}); retrying {limit}",
+                target.display()
+            ));
+        }
+        tracing::debug!(url = %target.display(), %error, "lock storage not reachable yet");
+        last_reason = Some(reason);
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// One attempt of [`open_ready`]: opens the backend unless `backend` holds it already, checks
+/// the storage and creates it when missing. On failure, the context for the message and the
+/// error.
+async fn attempt_ready(
+    target: &Target,
+    backend: &mut Option<Arc<dyn LockBackend>>,
+) -> Result<Arc<dyn LockBackend>, (String, Error)> {
+    let opened = match backend {
+        Some(opened) => Arc::clone(opened),
+        None => {
+            let opened = target
+                .open()
+                .await
+                .map_err(|e| (format!("cannot open lock storage {}", target.display()), e))?;
+            *backend = Some(Arc::clone(&opened));
+            opened
+        }
+    };
+    match opened.check_storage().await {
+        Ok(()) => Ok(opened),
+        Err(Error::NotInitialized { what, .. }) => {
+            tracing::info!(url = %target.display(), %what, "lock storage missing; creating it");
+            match opened.init_storage().await {
+                Ok(()) => Ok(opened),
+                Err(e) => Err((
+                    format!("cannot create lock storage in {}", target.display()),
+                    e,
+                )),
+            }
+        }
+        Err(e) => Err((
+            format!("lock storage {} is not usable", target.display()),
+            e,
+        )),
+    }
+}
+
+/// Why storage cannot be reached, briefly: the kind of a network error (`connection refused`,
+/// `timed out`, ...), else the backend's own description.
+fn unreachable_reason(error: &Error) -> String {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.kind() != std::io::ErrorKind::Other {
+                return io.kind().to_string();
+            }
+        }
+        source = cause.source();
+    }
+    match error {
+        Error::NotAccessible { what, .. } => crate::exit::one_line(what),
+        other => crate::exit::describe(other),
+    }
+}
+
+/// `wait` with `spent` taken off its deadline, for an acquisition that starts after `spent` went
+/// into reaching the storage. A policy without a deadline is returned unchanged.
+pub fn wait_left(wait: &WaitPolicy, spent: Duration, interval: Duration) -> WaitPolicy {
+    match wait.timeout() {
+        Some(timeout) => match timeout.checked_sub(spent).filter(|left| !left.is_zero()) {
+            Some(left) => WaitPolicy::until(left, interval).with_jitter(interval / 2),
+            None => WaitPolicy::fail_fast(),
+        },
+        None => wait.clone(),
     }
 }
 

@@ -32,6 +32,10 @@ pub const INTERNAL: u8 = 70;
 /// The lease was lost while the command ran; the command was stopped (sysexits `EX_TEMPFAIL`;
 /// `--lost-exit-code` changes it).
 pub const LOST: u8 = 75;
+/// The lock storage refused the credentials or the operation: authentication failed, a
+/// privilege or file permission is missing (sysexits `EX_NOPERM`). Never waited for, also not
+/// with `--wait`: an operator must fix the credentials or grants.
+pub const DENIED: u8 = 77;
 /// A command (or leaselock itself, while waiting) ended by signal N exits with `SIGNALED + N`,
 /// as shells report it.
 pub const SIGNALED: u8 = 128;
@@ -49,6 +53,7 @@ Exit codes:
   70       internal error
   75       the lease was lost while the command ran; the command's process group was
            stopped (change with --lost-exit-code)
+  77       the lock storage refused the credentials or a permission; never waited for
   124      `run` did not get the lock: --no-wait found it held, or --wait ran out
            (change with -E/--conflict-exit-code; `-E 1` is flock's code)
   128+N    the command (or leaselock while waiting) was killed by signal N
@@ -104,6 +109,7 @@ pub fn code_for(error: &leaselock::Error) -> u8 {
         leaselock::Error::InvalidInput { .. } => USAGE,
         leaselock::Error::Held { .. } => CONFLICT,
         leaselock::Error::Lost { .. } => LOST,
+        leaselock::Error::Denied { .. } => DENIED,
         _ => STORAGE,
     }
 }
@@ -176,5 +182,13 @@ mod tests {
             STORAGE,
             "backend errors are storage errors"
         );
+    }
+
+    #[test]
+    fn refused_credentials_have_their_own_code() {
+        let denied = leaselock::Error::denied("x", "password authentication failed", None);
+        assert_eq!(code_for(&denied), DENIED);
+        let unreachable = leaselock::Error::not_accessible("x", "connection refused", None);
+        assert_eq!(code_for(&unreachable), STORAGE);
     }
 }

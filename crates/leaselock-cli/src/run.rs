@@ -18,7 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
 use crate::cli::RunArgs;
-use crate::commands::{connect, ensure_storage, key};
+use crate::commands::{key, open_ready, wait_left, StorageWait};
 use crate::exit::{from_status, Failure, CANNOT_RUN, INTERNAL, SIGNALED};
 use crate::logging::say;
 use crate::output::{human_duration, LockView};
@@ -113,12 +113,19 @@ pub async fn run(storage: &StorageUrl, args: RunArgs) -> Result<u8, Failure> {
     }
 
     // Connecting, creating storage and waiting can all take long: a signal interrupts them.
+    // Storage that cannot be reached yet is waited for within the same deadline as the lock.
     let prepare = async {
-        let backend = connect(&target).await?;
+        let started = Instant::now();
+        let storage_wait = match wait.timeout() {
+            None => StorageWait::No,
+            Some(_) if args.wait.is_none() => StorageWait::Forever,
+            Some(timeout) => StorageWait::For(timeout),
+        };
+        let backend = open_ready(&target, storage_wait, args.poll_interval, args.quiet).await?;
         let locker = configure(Locker::builder(backend))
+            .wait(wait_left(&wait, started.elapsed(), args.poll_interval))
             .build()
             .map_err(|e| Failure::lock("", &e))?;
-        ensure_storage(&locker, &target).await?;
         Ok::<_, Failure>(locker.acquire(key.as_str()).await)
     };
     let acquired = tokio::select! {

@@ -866,12 +866,9 @@ impl LockBackend for DynamoDbBackend {
                 })
             }
         }
+        // A table shaped differently does not change by waiting.
         self.check_key_schema(table)
-            .map_err(|what| Error::NotAccessible {
-                backend: NAME,
-                what,
-                source: None,
-            })?;
+            .map_err(|what| Error::permanent(NAME, what))?;
         // Describing needs another permission than reading items: read one too.
         let probe = LockKey::new("leaselock/check_storage").expect("a valid key");
         self.read(&probe).await?;

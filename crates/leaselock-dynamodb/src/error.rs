@@ -51,8 +51,8 @@ pub(crate) fn invalid_data(table: &str, detail: impl Into<String>) -> Error {
 
 /// Classifies an SDK error:
 /// - a missing table means storage is not initialized;
-/// - refused credentials or permissions, and an endpoint that cannot be reached, mean storage is
-///   not accessible;
+/// - refused credentials or permissions are [`Error::Denied`] (permanent);
+/// - an endpoint that cannot be reached means storage is not accessible (retryable);
 /// - throttling, timeouts, server-side failures and broken responses are retryable;
 /// - everything else (validation errors, a malformed request) is permanent.
 pub(crate) fn convert<E, R>(operation: &'static str, table: &str, error: SdkError<E, R>) -> Error
@@ -89,14 +89,14 @@ where
                 "table `{table}` does not exist ({detail}): run init_storage (or `leaselock init`)"
             ),
         },
-        Kind::Denied => Error::NotAccessible {
-            backend: NAME,
-            what: format!(
+        Kind::Denied => Error::denied(
+            NAME,
+            format!(
                 "{operation} on table `{table}` was refused: {detail} (check the credentials \
                  and the IAM permissions for this table)"
             ),
-            source: Some(Box::new(wrapped(detail.clone(), error))),
-        },
+            Some(Box::new(wrapped(detail.clone(), error))),
+        ),
         Kind::Unreachable => Error::NotAccessible {
             backend: NAME,
             what: format!("cannot reach DynamoDB for {operation} on table `{table}`: {detail}"),

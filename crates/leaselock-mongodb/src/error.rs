@@ -55,8 +55,8 @@ pub(crate) fn code(error: &mongodb::error::Error) -> Option<i32> {
     }
 }
 
-/// Classifies a driver error: unreachable servers and refused credentials make storage not
-/// accessible, a missing collection means storage is not initialized, node state changes and
+/// Classifies a driver error: an unreachable server makes storage not accessible (retryable),
+/// refused credentials or permissions are [`Error::Denied`] (permanent), a missing collection means storage is not initialized, node state changes and
 /// timeouts are retryable, the rest is permanent. The driver's messages name hosts, never
 /// passwords.
 pub(crate) fn convert(error: mongodb::error::Error) -> Error {
@@ -65,12 +65,11 @@ pub(crate) fn convert(error: mongodb::error::Error) -> Error {
         return not_initialized("the lock collection does not exist");
     }
     if code.is_some_and(|c| DENIED_CODES.contains(&c)) {
-        return Error::NotAccessible {
-            backend: NAME,
-            what: "the server refused the credentials or the operation (permission denied)"
-                .to_owned(),
-            source: Some(Box::new(error)),
-        };
+        return Error::denied(
+            NAME,
+            "the server refused the credentials or the operation (permission denied)",
+            Some(Box::new(error)),
+        );
     }
     match &*error.kind {
         ErrorKind::ServerSelection { .. } => {
@@ -81,11 +80,7 @@ pub(crate) fn convert(error: mongodb::error::Error) -> Error {
             }
         }
         ErrorKind::Authentication { .. } => {
-            return Error::NotAccessible {
-                backend: NAME,
-                what: "authentication failed".to_owned(),
-                source: Some(Box::new(error)),
-            }
+            return Error::denied(NAME, "authentication failed", Some(Box::new(error)))
         }
         ErrorKind::DnsResolve { .. } => {
             return Error::NotAccessible {
@@ -126,4 +121,28 @@ pub(crate) fn corrupt(what: impl std::fmt::Display) -> Error {
         NAME,
         format!("unexpected document in the lock collection: {what}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(code: i32) -> mongodb::error::Error {
+        let error: mongodb::error::CommandError = mongodb::bson::from_document(
+            mongodb::bson::doc! { "code": code, "codeName": "X", "errmsg": "m" },
+        )
+        .expect("a command error");
+        mongodb::error::Error::from(ErrorKind::Command(error))
+    }
+
+    #[test]
+    fn refused_credentials_are_permanent_unreachable_servers_are_not() {
+        for code in DENIED_CODES {
+            let err = convert(command(*code));
+            assert!(matches!(err, Error::Denied { .. }), "{code}: {err:?}");
+            assert!(!err.is_retryable());
+        }
+        let err = convert(command(91)); // ShutdownInProgress
+        assert!(err.is_retryable());
+    }
 }

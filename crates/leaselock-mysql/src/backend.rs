@@ -279,19 +279,25 @@ impl Shared {
         Ok(conn.affected_rows())
     }
 
-    /// Maps a storage check failure: a missing table or column is `NotInitialized`, everything
-    /// else (connection, permission, read-only server, ...) `NotAccessible`.
+    /// Maps a storage check failure: a missing table or column is `NotInitialized`, refused
+    /// credentials or privileges `Denied`, and everything else `NotAccessible` when it may heal
+    /// (connection, read-only server, ...), else a permanent backend error naming the table.
     pub(crate) fn check_error(&self, e: mysql_async::Error) -> Error {
         match self.ctx.convert(e) {
-            err @ (Error::NotInitialized { .. } | Error::NotAccessible { .. }) => err,
-            other => Error::NotAccessible {
-                backend: self.ctx.backend,
-                what: format!(
+            err @ (Error::NotInitialized { .. }
+            | Error::NotAccessible { .. }
+            | Error::Denied { .. }) => err,
+            other => {
+                let what = format!(
                     "table `{}` in {} cannot be used: {other}",
                     self.ctx.table, self.ctx.server
-                ),
-                source: Some(Box::new(other)),
-            },
+                );
+                if other.is_retryable() {
+                    Error::not_accessible(self.ctx.backend, what, Some(Box::new(other)))
+                } else {
+                    Error::permanent(self.ctx.backend, what)
+                }
+            }
         }
     }
 

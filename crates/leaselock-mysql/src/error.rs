@@ -34,6 +34,9 @@ const ER_USER_LOCK_DEADLOCK: u16 = 3058;
 const ER_READ_ONLY_MODE: u16 = 1836;
 const ER_OPTION_PREVENTS_STATEMENT: u16 = 1290;
 const ER_CLIENT_INTERACTION_TIMEOUT: u16 = 4031;
+const ER_ACCESS_DENIED_NO_PASSWORD_ERROR: u16 = 1698;
+const ER_PASSWORD_EXPIRED: u16 = 1820;
+const ER_ACCOUNT_HAS_BEEN_LOCKED: u16 = 3118;
 
 /// The server error code, if `err` is a server error.
 pub(crate) fn server_code(err: &MyError) -> Option<u16> {
@@ -81,24 +84,35 @@ impl ErrorContext {
                 },
                 ER_DBACCESS_DENIED_ERROR
                 | ER_ACCESS_DENIED_ERROR
-                | ER_BAD_DB_ERROR
+                | ER_ACCESS_DENIED_NO_PASSWORD_ERROR
                 | ER_TABLEACCESS_DENIED_ERROR
                 | ER_COLUMNACCESS_DENIED_ERROR
                 | ER_SPECIFIC_ACCESS_DENIED_ERROR
                 | ER_KILL_DENIED_ERROR
-                | ER_READ_ONLY_MODE
-                | ER_OPTION_PREVENTS_STATEMENT => Error::NotAccessible {
+                | ER_PASSWORD_EXPIRED
+                | ER_ACCOUNT_HAS_BEEN_LOCKED => Error::denied(
                     backend,
-                    what: format!(
-                        "{} refused access to table `{}`: {}",
-                        self.server, self.table, e.message
-                    ),
-                    source: Some(Box::new(err)),
-                },
-                ER_TOO_MANY_CONNECTIONS
-                | ER_CON_COUNT_ERROR
-                | ER_SERVER_SHUTDOWN
-                | ER_LOCK_WAIT_TIMEOUT
+                    format!("{} refused access: {}", self.server, e.message),
+                    Some(Box::new(err)),
+                ),
+                // A database that does not exist yet may be created meanwhile; a read-only
+                // server may be a replica about to be promoted.
+                ER_BAD_DB_ERROR | ER_READ_ONLY_MODE | ER_OPTION_PREVENTS_STATEMENT => {
+                    Error::not_accessible(
+                        backend,
+                        format!("{} cannot be used: {}", self.server, e.message),
+                        Some(Box::new(err)),
+                    )
+                }
+                // The server is out of connections or going away: it heals.
+                ER_TOO_MANY_CONNECTIONS | ER_CON_COUNT_ERROR | ER_SERVER_SHUTDOWN => {
+                    Error::not_accessible(
+                        backend,
+                        format!("cannot connect to {}: {}", self.server, e.message),
+                        Some(Box::new(err)),
+                    )
+                }
+                ER_LOCK_WAIT_TIMEOUT
                 | ER_LOCK_DEADLOCK
                 | ER_QUERY_INTERRUPTED
                 | ER_CONNECTION_KILLED
@@ -151,10 +165,32 @@ mod tests {
             ctx().convert(server(ER_NO_SUCH_TABLE)),
             Error::NotInitialized { .. }
         ));
-        assert!(matches!(
-            ctx().convert(server(ER_TABLEACCESS_DENIED_ERROR)),
-            Error::NotAccessible { .. }
-        ));
+        // Refused credentials and privileges are permanent.
+        for code in [
+            ER_ACCESS_DENIED_ERROR,
+            ER_DBACCESS_DENIED_ERROR,
+            ER_TABLEACCESS_DENIED_ERROR,
+            ER_SPECIFIC_ACCESS_DENIED_ERROR,
+            ER_ACCESS_DENIED_NO_PASSWORD_ERROR,
+        ] {
+            let err = ctx().convert(server(code));
+            assert!(matches!(err, Error::Denied { .. }), "{code}: {err:?}");
+            assert!(!err.is_retryable(), "{code}");
+        }
+        // What heals: a database created later, a server out of connections or restarting.
+        for code in [
+            ER_BAD_DB_ERROR,
+            ER_TOO_MANY_CONNECTIONS,
+            ER_CON_COUNT_ERROR,
+            ER_SERVER_SHUTDOWN,
+        ] {
+            let err = ctx().convert(server(code));
+            assert!(
+                matches!(err, Error::NotAccessible { .. }),
+                "{code}: {err:?}"
+            );
+            assert!(err.is_retryable(), "{code}");
+        }
         assert!(ctx().convert(server(ER_LOCK_DEADLOCK)).is_retryable());
         assert!(!ctx().convert(server(1064)).is_retryable());
         let io = MyError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into());

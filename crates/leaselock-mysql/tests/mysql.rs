@@ -409,11 +409,23 @@ async fn check_storage_tells_missing_from_inaccessible() {
             Err(err @ Error::NotAccessible { .. }) => assert!(err.is_retryable()),
             other => panic!("{strategy}: expected NotAccessible, got {other:?}"),
         }
+
+        // A database that does not exist yet may be created meanwhile: retryable.
+        let opts = OptsBuilder::from_opts(Opts::from_url(&url).unwrap())
+            .db_name(Some(format!("{ns}_nodb")));
+        let no_db = MysqlConfig::new(opts).strategy(strategy).build().unwrap();
+        match no_db.check_storage().await {
+            Err(err @ Error::NotAccessible { .. }) => {
+                assert!(err.is_retryable());
+                assert!(err.to_string().contains("Unknown database"), "{err}");
+            }
+            other => panic!("{strategy}: expected NotAccessible, got {other:?}"),
+        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn permission_problems_are_not_accessible_and_never_show_the_password() {
+async fn permission_problems_are_denied_and_never_show_the_password() {
     let Some(url) = url() else { return };
     let opts = Opts::from_url(&url).unwrap();
     let user = format!(
@@ -450,7 +462,8 @@ async fn permission_problems_are_not_accessible_and_never_show_the_password() {
             .unwrap();
         assert!(!format!("{backend:?}").contains(&password));
         let err = backend.check_storage().await.unwrap_err();
-        assert!(matches!(err, Error::NotAccessible { .. }), "{err:?}");
+        assert!(matches!(err, Error::Denied { .. }), "{err:?}");
+        assert!(!err.is_retryable());
         let mut chain = format!("{err} {err:?}");
         let mut source = std::error::Error::source(&err);
         while let Some(s) = source {
@@ -463,6 +476,24 @@ async fn permission_problems_are_not_accessible_and_never_show_the_password() {
             .await
             .unwrap_err();
         assert!(!format!("{acquire} {acquire:?}").contains(&password));
+        assert!(!acquire.is_retryable(), "{acquire:?}");
+
+        // A wrong password is refused at once, and the message names neither password.
+        let wrong = format!("wrong-{}", uuid::Uuid::new_v4().simple());
+        let backend = MysqlConfig::from_url(&url_with_password.replace(&password, &wrong))
+            .unwrap()
+            .strategy(strategy)
+            .build()
+            .unwrap();
+        let err = backend.check_storage().await.unwrap_err();
+        assert!(matches!(err, Error::Denied { .. }), "{err:?}");
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains("using password: YES"), "{err}");
+        let shown = format!("{err} {err:?}");
+        assert!(
+            !shown.contains(&wrong) && !shown.contains(&password),
+            "{shown}"
+        );
     }
     admin
         .query_drop(format!("DROP USER '{user}'@'%'"))

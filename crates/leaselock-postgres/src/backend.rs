@@ -457,15 +457,15 @@ impl Shared {
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(Error::NotAccessible {
-                backend: self.backend,
-                what: format!(
+            Err(Error::denied(
+                self.backend,
+                format!(
                     "this role lacks {} privilege on table {}",
                     missing.join(", "),
                     table
                 ),
-                source: None,
-            })
+                None,
+            ))
         }
     }
 

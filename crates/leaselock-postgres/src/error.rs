@@ -35,46 +35,112 @@ pub(crate) fn driver(backend: &'static str, what: &str, error: tokio_postgres::E
             ),
         };
     }
-    if code == SqlState::INSUFFICIENT_PRIVILEGE
-        || code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-        || code == SqlState::INVALID_PASSWORD
-        || code == SqlState::INVALID_CATALOG_NAME
-    {
-        return Error::NotAccessible {
+    if is_denied_code(&code) {
+        return Error::denied(
             backend,
-            what: format!("{what}: {}", db_message(&error)),
-            source: Some(Box::new(error)),
-        };
+            format!("{what}: {}", db_message(&error)),
+            Some(Box::new(error)),
+        );
+    }
+    if code == SqlState::INVALID_CATALOG_NAME {
+        // The database does not exist (yet): it may be created meanwhile.
+        return Error::not_accessible(
+            backend,
+            format!("{what}: {}", db_message(&error)),
+            Some(Box::new(error)),
+        );
     }
     let retryable = is_retryable_code(&code);
     wrap(backend, what, error, retryable)
 }
 
-/// A failure to open a connection: the storage is not accessible (retryable).
+/// A failure to open a connection. What can heal is [`Error::NotAccessible`] (retryable): a
+/// refused, reset or timed-out connection, a host name that does not resolve, a database that
+/// does not exist yet, a server starting up, shutting down or out of connections. Refused
+/// credentials or privileges are [`Error::Denied`]; another server error or a TLS certificate
+/// the client rejects is a permanent [`Error::Backend`].
 pub(crate) fn connect(backend: &'static str, target: &str, error: tokio_postgres::Error) -> Error {
-    if let Some(code) = error.code() {
-        if *code == SqlState::INVALID_CATALOG_NAME {
-            return Error::NotAccessible {
-                backend,
-                what: format!("cannot connect to {target}: {}", db_message(&error)),
-                source: Some(Box::new(error)),
-            };
+    let what = |detail: String| format!("cannot connect to {target}: {detail}");
+    match connect_kind(&error) {
+        ConnectKind::Unreachable => {
+            let what = what(match error.code() {
+                Some(_) => db_message(&error),
+                None => short(&error),
+            });
+            Error::not_accessible(backend, what, Some(Box::new(error)))
         }
+        ConnectKind::Denied => {
+            let what = what(match error.code() {
+                Some(_) => db_message(&error),
+                None => short(&error),
+            });
+            Error::denied(backend, what, Some(Box::new(error)))
+        }
+        ConnectKind::Permanent => wrap(backend, &what("failed".into()), error, false),
     }
-    Error::NotAccessible {
-        backend,
-        what: format!("cannot connect to {target}: {}", short(&error)),
-        source: Some(Box::new(error)),
+}
+
+/// How a failed connection attempt is classified (see [`connect`]).
+#[derive(Debug, PartialEq, Eq)]
+enum ConnectKind {
+    Unreachable,
+    Denied,
+    Permanent,
+}
+
+fn connect_kind(error: &tokio_postgres::Error) -> ConnectKind {
+    if let Some(code) = error.code() {
+        return if is_denied_code(code) {
+            ConnectKind::Denied
+        } else if *code == SqlState::INVALID_CATALOG_NAME || is_retryable_code(code) {
+            ConnectKind::Unreachable
+        } else {
+            ConnectKind::Permanent
+        };
     }
+    // No SQLSTATE. The driver's kinds are private; its messages for them are stable. An
+    // authentication step the client cannot complete ("authentication error", or "invalid
+    // configuration: password missing" when the server asks for a password the URL lacks) is
+    // refused credentials.
+    let text = short(error);
+    if text.starts_with("authentication error") || text.contains("password missing") {
+        return ConnectKind::Denied;
+    }
+    if let Some(io) = io_source(error) {
+        // rustls reports a certificate it rejects as invalid data: that does not heal.
+        return match io.kind() {
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
+                ConnectKind::Permanent
+            }
+            _ => ConnectKind::Unreachable,
+        };
+    }
+    if error.is_closed() || text.starts_with("timeout") || text.starts_with("error connecting") {
+        return ConnectKind::Unreachable;
+    }
+    ConnectKind::Permanent
+}
+
+/// SQLSTATEs that say the credentials or privileges are refused: class 28 (invalid
+/// authorization specification, invalid password) and 42501 (insufficient privilege).
+fn is_denied_code(code: &SqlState) -> bool {
+    code.code().starts_with("28") || *code == SqlState::INSUFFICIENT_PRIVILEGE
+}
+
+fn io_source(error: &tokio_postgres::Error) -> Option<&std::io::Error> {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        source = cause.source();
+    }
+    None
 }
 
 /// A connection attempt that took longer than the configured timeout.
 pub(crate) fn connect_timeout(backend: &'static str, target: &str) -> Error {
-    Error::NotAccessible {
-        backend,
-        what: format!("connecting to {target} timed out"),
-        source: None,
-    }
+    Error::not_accessible(backend, format!("connecting to {target} timed out"), None)
 }
 
 /// A statement that took longer than the configured timeout (retryable).
@@ -166,6 +232,14 @@ mod tests {
         assert!(is_retryable_code(&SqlState::TOO_MANY_CONNECTIONS));
         assert!(!is_retryable_code(&SqlState::SYNTAX_ERROR));
         assert!(!is_retryable_code(&SqlState::UNIQUE_VIOLATION));
+        assert!(is_denied_code(&SqlState::INVALID_PASSWORD));
+        assert!(is_denied_code(
+            &SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        ));
+        assert!(is_denied_code(&SqlState::INSUFFICIENT_PRIVILEGE));
+        assert!(!is_denied_code(&SqlState::INVALID_CATALOG_NAME));
+        assert!(!is_denied_code(&SqlState::TOO_MANY_CONNECTIONS));
+        assert!(is_retryable_code(&SqlState::CANNOT_CONNECT_NOW));
         let err = pooler("postgres-advisory", "pid changed");
         assert!(!err.is_retryable());
         assert!(err.to_string().contains("PgBouncer"), "{err}");

@@ -680,8 +680,9 @@ async fn foreign_holder_is_reported_not_waited_for() {
     assert!(backend.release(&lease).await.unwrap());
 }
 
-/// A missing table is `NotInitialized`; an unreachable server and a role without privileges are
-/// `NotAccessible`; none of the messages shows the password.
+/// A missing table is `NotInitialized`; an unreachable server and a database that does not exist
+/// (yet) are `NotAccessible` (retryable); a role without privileges is `Denied` (permanent); none
+/// of the messages shows the password.
 #[tokio::test]
 async fn check_storage_tells_missing_from_inaccessible() {
     let Some(url) = pg_url() else { return };
@@ -714,6 +715,18 @@ async fn check_storage_tells_missing_from_inaccessible() {
     assert!(!shown.contains("TopSecret123"), "{shown}");
     assert!(shown.contains("127.0.0.1:1"), "{shown}");
 
+    // A database that does not exist yet may be created meanwhile: retryable.
+    let mut missing_db: tokio_postgres::Config = url.parse().expect("a valid URL");
+    missing_db.dbname(format!("{ns}_nodb"));
+    let err = PgTableBackend::new(PgConfig::new(missing_db))
+        .unwrap()
+        .check_storage()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotAccessible { .. }), "{err:?}");
+    assert!(err.is_retryable());
+    assert!(err.to_string().contains("3D000"), "{err}");
+
     // A role that may log in but not use the table.
     let admin = raw(&url).await;
     admin
@@ -738,18 +751,21 @@ async fn check_storage_tells_missing_from_inaccessible() {
     restricted.user("leaselock_noperm");
     let backend = PgTableBackend::new(PgConfig::new(restricted).table(&ns).unwrap()).unwrap();
     match backend.check_storage().await {
-        Err(Error::NotAccessible { what, .. }) => assert!(what.contains("permission"), "{what}"),
-        other => panic!("expected NotAccessible, got {other:?}"),
+        Err(err @ Error::Denied { .. }) => {
+            assert!(!err.is_retryable());
+            assert!(err.to_string().contains("permission"), "{err}")
+        }
+        other => panic!("expected Denied, got {other:?}"),
     }
     admin
         .batch_execute(&format!("GRANT SELECT ON \"{ns}\" TO leaselock_noperm"))
         .await
         .unwrap();
     match backend.check_storage().await {
-        Err(Error::NotAccessible { what, .. }) => {
+        Err(Error::Denied { what, .. }) => {
             assert!(what.contains("INSERT, UPDATE"), "{what}")
         }
-        other => panic!("expected NotAccessible naming the privileges, got {other:?}"),
+        other => panic!("expected Denied naming the privileges, got {other:?}"),
     }
     admin
         .batch_execute(&format!("DROP TABLE \"{ns}\""))
@@ -833,7 +849,8 @@ async fn tls_connection_verifies_the_server() {
         shown.contains("NotValidForName") || shown.contains("certificate"),
         "{shown}"
     );
-    assert!(matches!(err, Error::NotAccessible { .. }), "{err:?}");
+    // A certificate the client rejects does not heal by waiting.
+    assert!(!err.is_retryable(), "{err:?}");
 }
 
 /// The durable token reservation of `k` in the advisory backend's counter table, read by hand.

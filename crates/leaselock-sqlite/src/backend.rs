@@ -200,11 +200,7 @@ impl SqliteBackend {
                     | OpenFlags::SQLITE_OPEN_CREATE
                     | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )
-            .map_err(|e| Error::NotAccessible {
-                backend: NAME,
-                what: format!("cannot open {}: {e}", open_path.display()),
-                source: Some(Box::new(e)),
-            })?;
+            .map_err(|e| crate::error::open_failed(&open_path, e))?;
             conn.busy_timeout(busy_timeout).map_err(convert)?;
             let mode = wal_mode(&conn, busy_timeout)?;
             if !mode.eq_ignore_ascii_case("wal") {

@@ -24,23 +24,23 @@ fn is_busy_driver_error(error: &rusqlite::Error) -> bool {
 }
 
 /// Classifies a driver error: busy/locked is retryable, a missing table means storage is not
-/// initialized, open/permission failures mean storage is not accessible.
+/// initialized, refused permissions and a read-only file are [`Error::Denied`]; a file that
+/// cannot be opened or is not a database is permanent (a local file does not heal by waiting).
 pub(crate) fn convert(error: rusqlite::Error) -> Error {
     if is_busy_driver_error(&error) {
         return Error::transient(NAME, error);
     }
     if let rusqlite::Error::SqliteFailure(failure, message) = &error {
+        let what = || message.clone().unwrap_or_else(|| error.to_string());
         match failure.code {
-            ErrorCode::CannotOpen
-            | ErrorCode::PermissionDenied
+            ErrorCode::PermissionDenied
             | ErrorCode::ReadOnly
-            | ErrorCode::AuthorizationForStatementDenied
-            | ErrorCode::NotADatabase => {
-                return Error::NotAccessible {
-                    backend: NAME,
-                    what: message.clone().unwrap_or_else(|| error.to_string()),
-                    source: Some(Box::new(error)),
-                }
+            | ErrorCode::AuthorizationForStatementDenied => {
+                let what = what();
+                return Error::denied(NAME, what, Some(Box::new(error)));
+            }
+            ErrorCode::CannotOpen | ErrorCode::NotADatabase => {
+                return Error::permanent(NAME, error);
             }
             _ => {}
         }
@@ -57,6 +57,25 @@ pub(crate) fn convert(error: rusqlite::Error) -> Error {
         }
     }
     Error::permanent(NAME, error)
+}
+
+/// A failure to open the database file at `path`: [`convert`]'s classification, with the path
+/// in the message. SQLite says "unable to open database file" for a missing directory and a
+/// refused permission alike; a file that exists but that this process may not open for
+/// writing is told apart as [`Error::Denied`].
+pub(crate) fn open_failed(path: &std::path::Path, error: rusqlite::Error) -> Error {
+    let what = format!("cannot open {}: {error}", path.display());
+    let refused = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied);
+    match convert(error) {
+        Error::Denied { source, .. } => Error::denied(NAME, what, source),
+        _ if refused => Error::denied(NAME, what, None),
+        err if err.is_retryable() => err,
+        _ => Error::permanent(NAME, what),
+    }
 }
 
 pub(crate) fn not_initialized(what: &str) -> Error {
@@ -87,5 +106,25 @@ mod tests {
             rusqlite::ffi::SQLITE_CONSTRAINT
         ))));
         assert!(!is_busy(&Error::transient(NAME, "busy, but not SQLite's")));
+    }
+
+    #[test]
+    fn refused_and_broken_files_are_permanent() {
+        for code in [rusqlite::ffi::SQLITE_PERM, rusqlite::ffi::SQLITE_READONLY] {
+            let err = convert(failure(code));
+            assert!(matches!(err, Error::Denied { .. }), "{err:?}");
+            assert!(!err.is_retryable());
+        }
+        for code in [rusqlite::ffi::SQLITE_NOTADB, rusqlite::ffi::SQLITE_CANTOPEN] {
+            let err = convert(failure(code));
+            assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+            assert!(!err.is_retryable());
+        }
+        let err = open_failed(
+            std::path::Path::new("/nonexistent-dir/x.db"),
+            failure(rusqlite::ffi::SQLITE_CANTOPEN),
+        );
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains("/nonexistent-dir/x.db"), "{err}");
     }
 }

@@ -47,7 +47,9 @@ pub trait LockBackend: Send + Sync + Debug {
     async fn init_storage(&self) -> Result<()>;
 
     /// Pre-flight check: the storage is reachable, initialized and usable. Fails with
-    /// [`crate::Error::NotInitialized`] or [`crate::Error::NotAccessible`] naming what is missing.
+    /// [`crate::Error::NotInitialized`], [`crate::Error::NotAccessible`] (cannot be reached now,
+    /// retryable) or [`crate::Error::Denied`] (credentials or permissions refused, permanent),
+    /// naming what is missing.
     async fn check_storage(&self) -> Result<()>;
 
     /// One attempt to acquire; never waits. A key held by anyone, the same owner included, is

@@ -59,12 +59,31 @@ pub enum Error {
         what: String,
     },
 
-    /// The storage cannot be reached or used (connection refused, permission denied, ...).
+    /// The storage cannot be reached now: connection refused, reset or timed out, a host name
+    /// that does not resolve, a database that does not exist yet, a server starting up, shutting
+    /// down or at its connection limit. Always retryable: these heal, and a wait policy keeps
+    /// trying them until its deadline. Refused credentials or permissions are
+    /// [`Error::Denied`] instead.
     #[error("{backend}: storage is not accessible: {what}")]
     NotAccessible {
         /// The backend's name.
         backend: &'static str,
         /// What is missing or failing, in words for an operator.
+        what: String,
+        /// The driver's error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// The storage refused the credentials or the operation: authentication failed, permission
+    /// or privilege missing, a read-only file. Never retryable: waiting cannot fix it, an operator
+    /// must change the credentials, grants or file modes. The message names the user or object
+    /// the server named, never a password.
+    #[error("{backend}: access denied: {what}")]
+    Denied {
+        /// The backend's name.
+        backend: &'static str,
+        /// What was refused, in words for an operator.
         what: String,
         /// The driver's error, if any.
         #[source]
@@ -118,6 +137,43 @@ impl Error {
         }
     }
 
+    /// An [`Error::NotAccessible`]: the storage cannot be reached now, and may be later
+    /// (retryable).
+    pub fn not_accessible(
+        backend: &'static str,
+        what: impl Into<String>,
+        source: Option<BoxError>,
+    ) -> Self {
+        Error::NotAccessible {
+            backend,
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// An [`Error::Denied`]: the storage refused the credentials or the operation (permanent).
+    ///
+    /// ```
+    /// use leaselock::Error;
+    /// let err = Error::denied("example", "password authentication failed for user \"app\"", None);
+    /// assert!(!err.is_retryable());
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "example: access denied: password authentication failed for user \"app\""
+    /// );
+    /// ```
+    pub fn denied(
+        backend: &'static str,
+        what: impl Into<String>,
+        source: Option<BoxError>,
+    ) -> Self {
+        Error::Denied {
+            backend,
+            what: what.into(),
+            source,
+        }
+    }
+
     /// An [`Error::Lost`] for `key`.
     pub fn lost(key: &LockKey, reason: impl Into<String>) -> Self {
         Error::Lost {
@@ -168,6 +224,15 @@ impl Error {
                 what: what.clone(),
                 source: source.as_ref().map(message),
             },
+            Error::Denied {
+                backend,
+                what,
+                source,
+            } => Error::Denied {
+                backend,
+                what: what.clone(),
+                source: source.as_ref().map(message),
+            },
             Error::Backend {
                 backend,
                 retryable,
@@ -181,7 +246,8 @@ impl Error {
     }
 
     /// Whether the operation may succeed if tried again later: transient backend failures and
-    /// unreachable storage. Invalid input, a lost lease and missing storage are permanent; a held
+    /// unreachable storage ([`Error::NotAccessible`]). Invalid input, refused credentials or
+    /// permissions ([`Error::Denied`]), a lost lease and missing storage are permanent; a held
     /// lock is a normal outcome that waiting (not retrying) resolves.
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -190,6 +256,7 @@ impl Error {
             Error::InvalidInput { .. }
             | Error::Held { .. }
             | Error::Lost { .. }
+            | Error::Denied { .. }
             | Error::NotInitialized { .. } => false,
         }
     }
@@ -221,5 +288,26 @@ mod tests {
         assert!(Error::transient("x", io).is_retryable());
         assert!(!Error::permanent("x", "bad").is_retryable());
         assert!(!Error::lost(&key, "expired").is_retryable());
+    }
+
+    #[test]
+    fn unreachable_is_retryable_denied_is_not() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let unreachable =
+            Error::not_accessible("x", "cannot connect to db:5432", Some(Box::new(refused)));
+        assert!(unreachable.is_retryable());
+        assert_eq!(
+            unreachable.to_string(),
+            "x: storage is not accessible: cannot connect to db:5432"
+        );
+        let denied = Error::denied("x", "access denied for user 'app'", None);
+        assert!(!denied.is_retryable());
+        // A batch copy keeps the kind and the classification.
+        let copies = denied.for_batch(2);
+        assert!(copies
+            .iter()
+            .all(|e| matches!(e, Error::Denied { .. }) && !e.is_retryable()));
+        let copies = unreachable.for_batch(2);
+        assert!(copies.iter().all(Error::is_retryable));
     }
 }
