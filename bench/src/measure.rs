@@ -890,6 +890,9 @@ impl LockBackend for Counting {
     async fn list(&self) -> leaselock::Result<Vec<LockInfo>> {
         self.inner.list().await
     }
+    async fn list_with_expired(&self) -> leaselock::Result<Vec<LockState>> {
+        self.inner.list_with_expired().await
+    }
     async fn force_release(&self, key: &LockKey) -> leaselock::Result<Option<LockInfo>> {
         self.inner.force_release(key).await
     }
@@ -901,6 +904,9 @@ impl LockBackend for Counting {
     }
     fn watch_lost(&self, lease: &Lease) -> Option<Wakeup> {
         self.inner.watch_lost(lease)
+    }
+    async fn shutdown(&self) {
+        self.inner.shutdown().await
     }
 }
 

@@ -270,6 +270,84 @@ pub async fn status_shows_expired(t: Arc<dyn Target>) {
     );
 }
 
+/// `list_with_expired` shows the held locks that `list` shows, as held, and the expired leases
+/// nobody has taken over yet, as expired (on backends whose expiry clock every client can read;
+/// on others an expired lease may still show as held); a released key is gone from it. Session
+/// locks never expire: for them it is `list`.
+pub async fn list_with_expired_shows_stale_leases(t: Arc<dyn Target>) {
+    // A namespace of its own: other cases' `release_expired` would clear the expired lease.
+    let b = isolated(&t).await;
+    let caps = b.capabilities();
+    let held_key = fresh_key("list_all_held");
+    let stale_key = fresh_key("list_all_stale");
+    let gone_key = fresh_key("list_all_gone");
+    let held = must_acquire(&*b, &request(&held_key, &owner("a"), LONG_TTL)).await;
+    let gone = must_acquire(&*b, &request(&gone_key, &owner("a"), LONG_TTL)).await;
+    assert!(b.release(&gone).await.unwrap());
+    let stale = if is_lease_based(&caps) {
+        let stale = must_acquire(&*b, &request(&stale_key, &owner("b"), SHORT_TTL)).await;
+        tokio::time::sleep(SHORT_TTL * 2).await;
+        Some(stale)
+    } else {
+        None
+    };
+    let all = b.list_with_expired().await.unwrap();
+    let key_of = |state: &LockState| match state {
+        LockState::Held(info) | LockState::Expired(info) => info.key.clone(),
+        LockState::Free => panic!("list_with_expired returned a free key: {all:?}"),
+    };
+    let keys: Vec<LockKey> = all.iter().map(key_of).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "list_with_expired is in key order");
+    assert!(!keys.contains(&gone_key), "a released key is not listed");
+    match all.iter().find(|s| key_of(s) == held_key) {
+        Some(LockState::Held(info)) => {
+            assert_eq!(info.owner, held.owner);
+            assert_eq!(info.token, held.token);
+        }
+        other => panic!("the held lock must be listed as held, got {other:?}"),
+    }
+    let held_now: Vec<LockKey> = b.list().await.unwrap().into_iter().map(|i| i.key).collect();
+    for key in &held_now {
+        assert!(
+            keys.contains(key),
+            "`{key}` is in list but not in list_with_expired"
+        );
+    }
+    if let Some(stale) = stale {
+        let found = all.iter().find(|s| key_of(s) == stale_key);
+        match found {
+            Some(LockState::Expired(info)) => {
+                assert_eq!(info.owner, stale.owner);
+                assert_eq!(info.token, stale.token);
+                assert_eq!(info.remaining, Some(Duration::ZERO));
+                assert!(
+                    info.expires_at.is_some(),
+                    "an expired lease tells when it expired"
+                );
+                assert!(
+                    !held_now.contains(&stale_key),
+                    "an expired lease is not held"
+                );
+            }
+            Some(LockState::Held(info)) if !reads_expiry(&caps) => {
+                assert_eq!(info.token, stale.token);
+            }
+            other => panic!("the expired lease must be listed as expired, got {other:?}"),
+        }
+        if reads_expiry(&caps) {
+            assert_eq!(b.release_expired().await.unwrap(), 1);
+            let after = b.list_with_expired().await.unwrap();
+            assert!(
+                !after.iter().any(|s| key_of(s) == stale_key),
+                "a cleared lease is not listed"
+            );
+        }
+    }
+    assert!(b.release(&held).await.unwrap());
+}
+
 /// Refreshing keeps a lease alive past its original duration.
 pub async fn refresh_extends_lease(t: Arc<dyn Target>) {
     let (a, b) = (t.backend().await.unwrap(), t.backend().await.unwrap());

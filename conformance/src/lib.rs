@@ -159,6 +159,7 @@ macro_rules! conformance_tests {
             release_twice,
             status_free_and_held,
             list_shows_held_locks,
+            list_with_expired_shows_stale_leases,
             expiry_and_takeover,
             status_shows_expired,
             refresh_extends_lease,

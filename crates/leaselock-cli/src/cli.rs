@@ -69,9 +69,17 @@ pub enum Command {
     Run(RunArgs),
 
     /// Show the state of the lock KEY: holder, host/pid, fencing token, times.
+    ///
+    /// The exit code tells the state (see below), so a script can branch on it. Only reads:
+    /// opens the storage read-only, creates nothing, and fails (exit 66) when the storage does
+    /// not exist.
+    #[command(after_help = crate::exit::STATUS_TABLE)]
     Status(StatusArgs),
 
-    /// List the locks held now.
+    /// List the locks held now (with --all, expired leases too).
+    ///
+    /// Only reads: opens the storage read-only, creates nothing, and fails (exit 66) when the
+    /// storage does not exist.
     List(ListArgs),
 
     /// Break the lock KEY whoever holds it (requires --force).
@@ -82,11 +90,17 @@ pub enum Command {
     #[command(after_help = crate::exit::TABLE)]
     Release(ReleaseArgs),
 
-    /// Create the lock storage (table) if it is missing. Safe to run any number of times.
-    Init,
+    /// Create the lock storage (table) if it is missing, then check it. Safe to run any number
+    /// of times.
+    ///
+    /// Fails (exit 66) when the storage is there but not usable, for example a table of that name
+    /// with other columns, or a view.
+    Init(InitArgs),
 
     /// Check that the lock storage is reachable and initialized; say what is missing (exit 66).
-    Check,
+    ///
+    /// Only reads: opens the storage read-only and creates nothing.
+    Check(CheckArgs),
 
     /// Show the database's own name for the lock KEY, without connecting to anything.
     ///
@@ -174,7 +188,28 @@ pub struct StatusArgs {
 /// `leaselock list`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
+    /// Also show expired leases nobody has taken over yet (stale locks: their holders stopped
+    /// refreshing them), with how long ago they expired.
+    #[arg(short, long)]
+    pub all: bool,
+
     /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `leaselock init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Print JSON instead of text (also on failure, besides the message on stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `leaselock check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Print JSON instead of text (also on failure, besides the message on stderr).
     #[arg(long)]
     pub json: bool,
 }

@@ -1,18 +1,30 @@
 //! The subcommands other than `run`: `status`, `list`, `release`, `init`, `check`, `key`, and
-//! what they share with `run` (opening the storage, creating it when missing).
+//! what they share with `run` (opening the storage, creating it when missing, closing every
+//! backend opened before the runtime ends).
+//!
+//! Commands that only look (`status`, `list`, `check`, `release --dry-run`) open the storage
+//! read-only and never create it; `release --force` writes to storage that must exist.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use leaselock::{Error, LockBackend, LockKey, LockState, Locker, WaitPolicy};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::cli::{Cli, Command, KeyArgs, ListArgs, ReleaseArgs, StatusArgs};
-use crate::exit::{Failure, CONFLICT, INTERNAL, OK, STORAGE};
+use crate::cli::{CheckArgs, Cli, Command, InitArgs, KeyArgs, ListArgs, ReleaseArgs, StatusArgs};
+use crate::exit::{
+    describe, Failure, CONFLICT, INTERNAL, OK, STATUS_EXPIRED, STATUS_FREE, STATUS_HELD, STORAGE,
+};
 use crate::logging::{out, say};
-use crate::output::{human_duration, list_table, native_text, status_text, LockView, StateView};
-use crate::target::{NativeName, StorageUrl, Target};
+use crate::output::{
+    human_duration, list_table, native_text, status_text, ListEntry, LockView, StateView,
+};
+use crate::target::{Access, NativeName, StorageUrl, Target};
+
+/// Every backend this process opened, to be shut down before the runtime ends (see
+/// [`shutdown_backends`]).
+static OPENED: Mutex<Vec<Arc<dyn LockBackend>>> = Mutex::new(Vec::new());
 
 /// Runs the parsed command line; returns the exit code (having printed any failure).
 pub async fn dispatch(cli: Cli, storage: StorageUrl) -> u8 {
@@ -22,10 +34,11 @@ pub async fn dispatch(cli: Cli, storage: StorageUrl) -> u8 {
         Command::Status(args) => status(&url, args).await,
         Command::List(args) => list(&url, args).await,
         Command::Release(args) => release(&url, args).await,
-        Command::Init => init(&url).await,
-        Command::Check => check(&url).await,
+        Command::Init(args) => init(&url, args).await,
+        Command::Check(args) => check(&url, args).await,
         Command::Key(args) => native_key(&url, args),
     };
+    shutdown_backends().await;
     match outcome {
         Ok(code) => code,
         Err(failure) => {
@@ -40,36 +53,90 @@ pub fn key(key: &str) -> Result<LockKey, Failure> {
     LockKey::new(key).map_err(|e| Failure::lock("", &e))
 }
 
-/// Opens the backend behind `target`.
+/// Opens the backend behind `target`, creating an SQLite file if missing (for `run` and
+/// `init`).
 pub async fn connect(target: &Target) -> Result<Arc<dyn LockBackend>, Failure> {
-    target.open().await.map_err(|e| {
-        Failure::lock(
-            &format!("cannot open lock storage {}", target.display()),
-            &e,
-        )
-    })
+    open(target, Access::Create).await
 }
 
-/// Creates the storage if it is missing (the check first, so a user without the right to create
-/// tables can still use storage an administrator created). `init_storage` is idempotent and safe
-/// from many processes at once.
-pub async fn ensure_storage(locker: &Locker, target: &Target) -> Result<(), Failure> {
-    match locker.check_storage().await {
-        Ok(()) => Ok(()),
-        Err(Error::NotInitialized { what, .. }) => {
-            tracing::info!(url = %target.display(), %what, "lock storage missing; creating it");
-            locker.init_storage().await.map_err(|e| {
-                Failure::lock(
-                    &format!("cannot create lock storage in {}", target.display()),
-                    &e,
-                )
-            })
+/// Opens the backend behind `target` for `access`, and keeps it for [`shutdown_backends`].
+async fn open(target: &Target, access: Access) -> Result<Arc<dyn LockBackend>, Failure> {
+    if access != Access::Create {
+        if let Some(missing) = target.missing_file() {
+            return Err(does_not_exist(
+                target,
+                &format!("the database file {} does not exist", missing.display()),
+            ));
         }
-        Err(e) => Err(Failure::lock(
-            &format!("lock storage {} is not usable", target.display()),
-            &e,
-        )),
     }
+    let backend = target.open_with(access).await.map_err(|e| match e {
+        Error::NotInitialized { what, .. } => does_not_exist(target, &what),
+        e => Failure::lock(
+            &format!("cannot open lock storage {}", target.display()),
+            &e,
+        ),
+    })?;
+    keep_for_shutdown(&backend);
+    Ok(backend)
+}
+
+/// Keeps `backend` for [`shutdown_backends`].
+fn keep_for_shutdown(backend: &Arc<dyn LockBackend>) {
+    OPENED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(Arc::clone(backend));
+}
+
+/// Closes every backend this process opened ([`LockBackend::shutdown`]: MongoDB's client, the
+/// MySQL pools), so no driver cleans up in a background task while the runtime shuts down.
+pub async fn shutdown_backends() {
+    let opened = std::mem::take(&mut *OPENED.lock().unwrap_or_else(|p| p.into_inner()));
+    for backend in opened {
+        backend.shutdown().await;
+    }
+}
+
+/// Storage that is not there (exit 66): "lock storage URL does not exist: the database file …
+/// does not exist; run `leaselock init`" for a missing file, "lock storage URL is not
+/// initialized: WHAT; run `leaselock init`" for what the backend's check found missing (a
+/// table, a collection, columns).
+fn does_not_exist(target: &Target, what: &str) -> Failure {
+    // The backends' own hint names the library call; the command's user wants the command.
+    let what = what
+        .trim_end_matches(": run init_storage (or `leaselock init`)")
+        .trim_end_matches(" (run `leaselock init`)");
+    let state = if target.missing_file().is_some() {
+        "does not exist"
+    } else {
+        "is not initialized"
+    };
+    Failure::new(
+        STORAGE,
+        format!(
+            "lock storage {} {state}: {what}; run `leaselock init`",
+            target.display()
+        ),
+    )
+}
+
+/// Opens storage that must already exist, for `access` (never [`Access::Create`]): checks it
+/// and says so when it is missing or unusable. Creates nothing.
+async fn open_existing(target: &Target, access: Access) -> Result<Locker, Failure> {
+    let backend = open(target, access).await?;
+    match backend.check_storage().await {
+        Ok(()) => {}
+        Err(Error::NotInitialized { what, .. }) => return Err(does_not_exist(target, &what)),
+        Err(e) => {
+            return Err(Failure::lock(
+                &format!("lock storage {} is not usable", target.display()),
+                &e,
+            ))
+        }
+    }
+    Locker::builder(backend)
+        .build()
+        .map_err(|e| Failure::lock("", &e))
 }
 
 /// How long [`open_ready`] keeps trying storage that cannot be reached yet.
@@ -158,9 +225,10 @@ async fn attempt_ready(
         Some(opened) => Arc::clone(opened),
         None => {
             let opened = target
-                .open()
+                .open_with(Access::Create)
                 .await
                 .map_err(|e| (format!("cannot open lock storage {}", target.display()), e))?;
+            keep_for_shutdown(&opened);
             *backend = Some(Arc::clone(&opened));
             opened
         }
@@ -214,15 +282,6 @@ pub fn wait_left(wait: &WaitPolicy, spent: Duration, interval: Duration) -> Wait
     }
 }
 
-/// A locker with default settings over `target`'s backend, its storage created if missing.
-async fn ready_locker(target: &Target) -> Result<Locker, Failure> {
-    let locker = Locker::builder(connect(target).await?)
-        .build()
-        .map_err(|e| Failure::lock("", &e))?;
-    ensure_storage(&locker, target).await?;
-    Ok(locker)
-}
-
 fn json<T: Serialize>(value: &T) -> Result<(), Failure> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| Failure::new(INTERNAL, format!("cannot encode JSON: {e}")))?;
@@ -242,7 +301,7 @@ struct StatusJson<'a> {
 async fn status(url: &str, args: StatusArgs) -> Result<u8, Failure> {
     let key = key(&args.key)?;
     let target = Target::parse(url)?;
-    let locker = ready_locker(&target).await?;
+    let locker = open_existing(&target, Access::ReadOnly).await?;
     let state = locker
         .status(key.as_str())
         .await
@@ -257,32 +316,51 @@ async fn status(url: &str, args: StatusArgs) -> Result<u8, Failure> {
     } else {
         out(&status_text(key.as_str(), &state));
     }
-    Ok(OK)
+    Ok(status_code(&state))
+}
+
+/// The exit code of `status` for `state` (see [`crate::exit::STATUS_TABLE`]).
+fn status_code(state: &LockState) -> u8 {
+    match state {
+        LockState::Held(_) => STATUS_HELD,
+        LockState::Expired(_) => STATUS_EXPIRED,
+        LockState::Free => STATUS_FREE,
+    }
 }
 
 #[derive(Serialize)]
 struct ListJson<'a> {
     url: &'a str,
     backend: &'a str,
-    locks: Vec<LockView>,
+    /// Whether expired leases are included (`--all`).
+    all: bool,
+    locks: Vec<ListEntry>,
 }
 
 async fn list(url: &str, args: ListArgs) -> Result<u8, Failure> {
     let target = Target::parse(url)?;
-    let locker = ready_locker(&target).await?;
-    let locks = locker
-        .list()
-        .await
-        .map_err(|e| Failure::lock("cannot list locks", &e))?;
-    let views: Vec<LockView> = locks.iter().map(LockView::new).collect();
+    let locker = open_existing(&target, Access::ReadOnly).await?;
+    let failed = |e: Error| Failure::lock("cannot list locks", &e);
+    let states = if args.all {
+        locker.list_with_expired().await.map_err(failed)?
+    } else {
+        let held = locker.list().await.map_err(failed)?;
+        held.into_iter().map(LockState::Held).collect()
+    };
+    let now = SystemTime::now();
+    let entries: Vec<ListEntry> = states
+        .iter()
+        .filter_map(|state| ListEntry::new(state, now))
+        .collect();
     if args.json {
         json(&ListJson {
             url: target.display(),
             backend: locker.capabilities().backend,
-            locks: views,
+            all: args.all,
+            locks: entries,
         })?;
     } else {
-        out(&list_table(&views));
+        out(&list_table(&entries, args.all));
     }
     Ok(OK)
 }
@@ -311,7 +389,14 @@ async fn release(url: &str, args: ReleaseArgs) -> Result<u8, Failure> {
     }
     let key = key(&args.key)?;
     let target = Target::parse(url)?;
-    let locker = ready_locker(&target).await?;
+    // A dry run only reads; breaking writes, to storage that must exist (there is nothing to
+    // break in storage that does not).
+    let access = if args.dry_run {
+        Access::ReadOnly
+    } else {
+        Access::Existing
+    };
+    let locker = open_existing(&target, access).await?;
     let read_failed = |e: Error| Failure::lock(&format!("cannot read the state of `{key}`"), &e);
     let break_failed = |e: Error| Failure::lock(&format!("cannot break `{key}`"), &e);
     let before = locker.status(key.as_str()).await.map_err(read_failed)?;
@@ -422,46 +507,111 @@ async fn release(url: &str, args: ReleaseArgs) -> Result<u8, Failure> {
     Ok(code)
 }
 
-async fn init(url: &str) -> Result<u8, Failure> {
+/// What `init --json` and `check --json` print.
+#[derive(Serialize)]
+struct StorageJson<'a> {
+    url: &'a str,
+    /// The backend's name; `null` when it could not be opened.
+    backend: Option<&'a str>,
+    /// Whether the storage is there and usable.
+    ok: bool,
+    /// What is wrong (the message also printed on stderr); `null` when `ok`.
+    error: Option<&'a str>,
+}
+
+/// Prints the outcome of `init` or `check`: `text` or JSON on success; on failure the JSON (the
+/// caller prints the message on stderr).
+fn storage_outcome(
+    json_out: bool,
+    target: &Target,
+    backend: Option<&str>,
+    outcome: Result<(), Failure>,
+    text: impl FnOnce(&str) -> String,
+) -> Result<u8, Failure> {
+    if json_out {
+        json(&StorageJson {
+            url: target.display(),
+            backend,
+            ok: outcome.is_ok(),
+            error: outcome.as_ref().err().map(|f| f.message.as_str()),
+        })?;
+    }
+    outcome?;
+    if !json_out {
+        out(&text(backend.unwrap_or_default()));
+    }
+    Ok(OK)
+}
+
+async fn init(url: &str, args: InitArgs) -> Result<u8, Failure> {
     let target = Target::parse(url)?;
-    let backend = connect(&target).await?;
+    let backend = match connect(&target).await {
+        Ok(backend) => backend,
+        Err(failure) => {
+            return storage_outcome(args.json, &target, None, Err(failure), |_| String::new())
+        }
+    };
     let name = backend.capabilities().backend;
+    let outcome = init_and_verify(&*backend, &target).await;
+    storage_outcome(args.json, &target, Some(name), outcome, |name| {
+        format!("lock storage ready: {} ({name})", target.display())
+    })
+}
+
+/// Creates the storage, then checks that what is there is usable: `CREATE … IF NOT EXISTS`
+/// leaves alone a table of that name with other columns, or a view.
+async fn init_and_verify(backend: &dyn LockBackend, target: &Target) -> Result<(), Failure> {
     backend.init_storage().await.map_err(|e| {
         Failure::lock(
             &format!("cannot create lock storage in {}", target.display()),
             &e,
         )
     })?;
-    out(&format!(
-        "lock storage ready: {} ({name})",
-        target.display()
-    ));
-    Ok(OK)
+    backend.check_storage().await.map_err(|e| {
+        let what = match &e {
+            Error::NotInitialized { what, .. } | Error::NotAccessible { what, .. } => what.clone(),
+            e => describe(e),
+        };
+        Failure::new(
+            STORAGE,
+            format!(
+                "lock storage {} is not usable after init: {what}",
+                target.display()
+            ),
+        )
+    })
 }
 
-async fn check(url: &str) -> Result<u8, Failure> {
+async fn check(url: &str, args: CheckArgs) -> Result<u8, Failure> {
     let target = Target::parse(url)?;
     if let Some(missing) = target.missing_file() {
-        return Err(Failure::new(
+        let failure = Failure::new(
             STORAGE,
             format!(
                 "check failed for {}: the database file {} does not exist (run `leaselock init`)",
                 target.display(),
                 missing.display()
             ),
-        ));
+        );
+        return storage_outcome(args.json, &target, None, Err(failure), |_| String::new());
     }
-    let backend = connect(&target).await?;
+    let backend = match open(&target, Access::ReadOnly).await {
+        Ok(backend) => backend,
+        Err(failure) => {
+            return storage_outcome(args.json, &target, None, Err(failure), |_| String::new())
+        }
+    };
     let name = backend.capabilities().backend;
-    backend
+    let outcome = backend
         .check_storage()
         .await
-        .map_err(|e| Failure::lock(&format!("check failed for {}", target.display()), &e))?;
-    out(&format!(
-        "ok: lock storage {} is reachable and initialized ({name})",
-        target.display()
-    ));
-    Ok(OK)
+        .map_err(|e| Failure::lock(&format!("check failed for {}", target.display()), &e));
+    storage_outcome(args.json, &target, Some(name), outcome, |name| {
+        format!(
+            "ok: lock storage {} is reachable and initialized ({name})",
+            target.display()
+        )
+    })
 }
 
 #[derive(Serialize)]

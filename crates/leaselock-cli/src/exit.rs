@@ -59,6 +59,26 @@ Exit codes:
   128+N    the command (or leaselock while waiting) was killed by signal N
   other    the command's own exit code, passed through";
 
+/// `status`: the key is held now (a live lease or session lock).
+pub const STATUS_HELD: u8 = 0;
+/// `status`: the key's last lease expired and nobody has taken it over or cleared it (its
+/// holder stopped refreshing it: crashed, killed, cut off); anyone may take it. As an LSB init
+/// script's "program is dead and the pid file exists".
+pub const STATUS_EXPIRED: u8 = 1;
+/// `status`: nobody holds the key. As an LSB init script's "program is not running".
+pub const STATUS_FREE: u8 = 3;
+
+/// The exit codes of `status`, printed by `leaselock status --help` and kept in the README.
+pub const STATUS_TABLE: &str = "\
+Exit codes of `status` (also with --json; as LSB init scripts' `status`):
+  0        held: someone holds the lock now
+  1        expired: the last holder's lease expired (it stopped refreshing it) and
+           nobody has taken it over yet; anyone may take it
+  2        bad usage or input; nothing was touched
+  3        free: nobody holds it
+  66       the lock storage cannot be opened, reached or used, or does not exist
+           (nothing is created: run `leaselock init`)";
+
 /// A failure that ends the command: an exit code and a one-line message for stderr.
 #[derive(Debug)]
 pub struct Failure {

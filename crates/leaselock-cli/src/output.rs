@@ -157,13 +157,63 @@ pub fn status_text(key: &str, state: &LockState) -> String {
     )
 }
 
-/// The human table of `list`.
-pub fn list_table(locks: &[LockView]) -> String {
-    if locks.is_empty() {
-        return "no locks held".to_owned();
+/// One lock as `list` shows it: the lock, its state, and for an expired lease how long ago it
+/// expired.
+#[derive(Debug, Serialize)]
+pub struct ListEntry {
+    /// The lock.
+    #[serde(flatten)]
+    pub lock: LockView,
+    /// `held`, or `expired` (only with `--all`).
+    pub state: &'static str,
+    /// For an expired lease: milliseconds since it expired, by this host's clock; `null`
+    /// otherwise.
+    pub expired_ago_ms: Option<u64>,
+    /// The same, for humans (`5m 3s`).
+    pub expired_ago: Option<String>,
+}
+
+impl ListEntry {
+    /// The entry of a listed state (held or expired; `None` for a free key), its age reckoned
+    /// at `now`.
+    pub fn new(state: &LockState, now: SystemTime) -> Option<Self> {
+        Some(match state {
+            LockState::Free => return None,
+            LockState::Held(info) => Self {
+                lock: LockView::new(info),
+                state: "held",
+                expired_ago_ms: None,
+                expired_ago: None,
+            },
+            LockState::Expired(info) => {
+                let ago = info
+                    .expires_at
+                    .map(|at| now.duration_since(at).unwrap_or(Duration::ZERO));
+                Self {
+                    lock: LockView::new(info),
+                    state: "expired",
+                    expired_ago_ms: ago.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                    expired_ago: ago.map(human_duration),
+                }
+            }
+        })
     }
-    let header = [
-        "KEY",
+}
+
+/// The human table of `list`; with `all`, a STATE column and the expired leases' age.
+pub fn list_table(locks: &[ListEntry], all: bool) -> String {
+    if locks.is_empty() {
+        return if all {
+            "no locks held or expired".to_owned()
+        } else {
+            "no locks held".to_owned()
+        };
+    }
+    let mut header = vec!["KEY"];
+    if all {
+        header.push("STATE");
+    }
+    header.extend([
         "OWNER",
         "HOST",
         "PID",
@@ -171,24 +221,34 @@ pub fn list_table(locks: &[LockView]) -> String {
         "ACQUIRED AT",
         "EXPIRES AT",
         "REMAINING",
-    ];
+    ]);
     let dash = || "-".to_owned();
-    let rows: Vec<[String; 8]> = locks
+    let rows: Vec<Vec<String>> = locks
         .iter()
-        .map(|l| {
-            [
-                l.key.clone(),
+        .map(|entry| {
+            let l = &entry.lock;
+            let mut row = vec![l.key.clone()];
+            if all {
+                row.push(entry.state.to_owned());
+            }
+            let remaining = match &entry.expired_ago {
+                Some(ago) => format!("expired {ago} ago"),
+                None if entry.state == "expired" => "expired".to_owned(),
+                None => l.remaining.clone().unwrap_or_else(dash),
+            };
+            row.extend([
                 l.owner.clone(),
                 l.host.clone().unwrap_or_else(dash),
                 l.pid.map_or_else(dash, |p| p.to_string()),
                 l.token.to_string(),
                 l.acquired_at.clone().unwrap_or_else(dash),
                 l.expires_at.clone().unwrap_or_else(dash),
-                l.remaining.clone().unwrap_or_else(dash),
-            ]
+                remaining,
+            ]);
+            row
         })
         .collect();
-    let mut widths = header.map(str::len);
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
@@ -197,12 +257,13 @@ pub fn list_table(locks: &[LockView]) -> String {
     let line = |cells: &[String]| {
         let padded: Vec<String> = cells
             .iter()
-            .zip(widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
+            .zip(&widths)
+            .map(|(cell, &width)| format!("{cell:<width$}"))
             .collect();
         padded.join("  ").trim_end().to_owned()
     };
-    let mut out = vec![line(&header.map(str::to_owned))];
+    let header: Vec<String> = header.into_iter().map(str::to_owned).collect();
+    let mut out = vec![line(&header)];
     out.extend(rows.iter().map(|row| line(row)));
     out.join("\n")
 }
@@ -314,9 +375,26 @@ mod tests {
             view.holder_line(),
             "`h-7-0123456789abcdef0123456789abcdef` (host h, pid 7, fencing token 3, 41s left)"
         );
-        let table = list_table(&[view]);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(303);
+        let held = ListEntry::new(&LockState::Held(info.clone()), now).unwrap();
+        assert_eq!((held.state, held.expired_ago_ms), ("held", None));
+        let table = list_table(&[held], false);
         assert!(table.starts_with("KEY"), "{table}");
+        assert!(!table.contains("STATE"), "{table}");
         assert_eq!(table.lines().count(), 2);
+        info.remaining = Some(Duration::ZERO);
+        let expired = ListEntry::new(&LockState::Expired(info), now).unwrap();
+        assert_eq!(expired.state, "expired");
+        assert_eq!(expired.expired_ago_ms, Some(303_000));
+        let table = list_table(&[expired], true);
+        assert!(table.starts_with("KEY  STATE"), "{table}");
+        assert!(
+            table.lines().nth(1).unwrap().contains("expired 5m 3s ago"),
+            "{table}"
+        );
+        assert!(ListEntry::new(&LockState::Free, now).is_none());
+        assert_eq!(list_table(&[], true), "no locks held or expired");
+        assert_eq!(view.token, 3);
         assert_eq!(human_duration(Duration::from_millis(250)), "250ms");
         assert_eq!(human_duration(Duration::from_millis(2_590)), "2.5s");
         assert_eq!(human_duration(Duration::from_secs(65)), "1m 5s");

@@ -112,7 +112,7 @@ impl StorageUrl {
 /// The backends this build can open, by URL scheme.
 ///
 /// Backend crates slot in here: add the scheme to [`Scheme::from_name`], a pre-connection check
-/// to [`Target::parse`], the crate's `from_url` to [`Target::open`] and its native lock name to
+/// to [`Target::parse`], the crate's `from_url` to [`Target::open_with`] and its native lock name to
 /// [`Target::native_name`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scheme {
@@ -234,17 +234,41 @@ impl Target {
         }
     }
 
-    /// Opens (or connects to) the backend. For SQLite this creates the database file if
-    /// missing, but never the table.
-    pub async fn open(&self) -> leaselock::Result<Arc<dyn LockBackend>> {
+    /// Opens (or connects to) the backend for `access`. Only a file-based backend (SQLite)
+    /// tells the three apart at opening (with [`Access::Create`] it creates the database file
+    /// if missing, but never the table); a server backend never creates anything by
+    /// connecting.
+    pub async fn open_with(&self, access: Access) -> leaselock::Result<Arc<dyn LockBackend>> {
         match self.scheme {
-            Scheme::Sqlite => leaselock_sqlite::from_url(&self.url).await,
+            Scheme::Sqlite => {
+                let config = leaselock_sqlite::SqliteConfig::from_url(&self.url)?;
+                let config = match access {
+                    Access::Create => config,
+                    Access::Existing => config.create_if_missing(false),
+                    Access::ReadOnly => config.read_only(true),
+                };
+                Ok(Arc::new(
+                    leaselock_sqlite::SqliteBackend::connect(config).await?,
+                ))
+            }
             Scheme::Postgres => leaselock_postgres::from_url(&self.url).await,
             Scheme::Mysql => leaselock_mysql::from_url(&self.url).await,
             Scheme::Mongodb => leaselock_mongodb::from_url(&self.url).await,
             Scheme::Dynamodb => leaselock_dynamodb::from_url(&self.url).await,
         }
     }
+}
+
+/// How a command uses the lock storage when it opens it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// May create it (`run`, `init`): an SQLite file is created when missing.
+    Create,
+    /// Writes to storage that must already exist (`release --force`): nothing is created.
+    Existing,
+    /// Only reads (`status`, `list`, `check`, `release --dry-run`): an SQLite file is opened
+    /// read-only, nothing is created or changed.
+    ReadOnly,
 }
 
 /// Where, and under which name, a backend keeps the lock on one key: what `leaselock key`

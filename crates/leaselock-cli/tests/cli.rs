@@ -166,10 +166,19 @@ impl Env {
         }
     }
 
+    /// `leaselock status KEY --json`, its exit code checked against the state it shows (0
+    /// held, 1 expired, 3 free).
     fn status(&self, key: &str) -> Value {
         let done = self.run(&["status", key, "--json"]);
-        assert_eq!(done.code, Some(0), "{done:?}");
-        done.json()
+        let status = done.json();
+        let code = match status["state"].as_str() {
+            Some("held") => 0,
+            Some("expired") => 1,
+            Some("free") => 3,
+            _ => panic!("no state: {done:?}"),
+        };
+        assert_eq!(done.code, Some(code), "{done:?}");
+        status
     }
 
     /// `leaselock key KEY --json`.

@@ -1077,6 +1077,23 @@ impl LockBackend for DynamoDbBackend {
         Ok(held)
     }
 
+    /// The same scan as [`LockBackend::list`]; a lease past its stored expiry (by this host's
+    /// clock, as [`LockBackend::status`] judges it) is [`LockState::Expired`].
+    async fn list_with_expired(&self) -> Result<Vec<LockState>> {
+        let mut all = Vec::new();
+        for (key, record) in self.scan_held().await? {
+            if let Some(info) = self.info(&key, &record)? {
+                all.push(if self.past_stored_expiry(&record) {
+                    LockState::Expired(info)
+                } else {
+                    LockState::Held(info)
+                });
+            }
+        }
+        all.sort_by(|a, b| state_key(a).cmp(&state_key(b)));
+        Ok(all)
+    }
+
     async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>> {
         self.forget(key);
         match self
@@ -1193,6 +1210,14 @@ fn duration_ms(duration: Duration) -> u64 {
 
 fn from_millis(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// The key of a listed state (never [`LockState::Free`]), for sorting.
+fn state_key(state: &LockState) -> Option<&LockKey> {
+    match state {
+        LockState::Held(info) | LockState::Expired(info) => Some(&info.key),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

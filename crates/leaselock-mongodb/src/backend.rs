@@ -128,7 +128,14 @@ struct Inner {
     read_consistency: ReadConsistency,
     /// Set once this instance has seen initialized storage (see [`MongoBackend::ready`]).
     ready: AtomicBool,
+    /// The client [`MongoBackend::connect`] made, which [`LockBackend::shutdown`] shuts down;
+    /// `None` for a client the application passed in, which is the application's to shut down.
+    own_client: Option<Client>,
 }
+
+/// How long [`LockBackend::shutdown`] waits for the driver to end its server sessions and close
+/// its connections.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl fmt::Debug for MongoBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -169,7 +176,7 @@ impl MongoBackend {
         }
         let client = Client::with_options(options)
             .map_err(|e| Error::invalid("url", scrub(e.to_string(), &validated.url)))?;
-        Ok(Self::build(&client, validated))
+        Ok(Self::build(&client, validated, Some(client.clone())))
     }
 
     /// A backend over a client the application already has, locking in `database`.`collection`
@@ -191,10 +198,10 @@ impl MongoBackend {
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             server_selection_timeout: None,
         };
-        Ok(Self::build(client, validated))
+        Ok(Self::build(client, validated, None))
     }
 
-    fn build(client: &Client, config: Validated) -> Self {
+    fn build(client: &Client, config: Validated, own_client: Option<Client>) -> Self {
         let write_concern = WriteConcern::builder()
             .w(mongodb::options::Acknowledgment::Majority)
             .w_timeout(config.write_timeout)
@@ -218,6 +225,7 @@ impl MongoBackend {
                 collection_name: config.collection,
                 read_consistency: config.read_consistency,
                 ready: AtomicBool::new(false),
+                own_client,
             }),
         }
     }
@@ -665,6 +673,26 @@ impl LockBackend for MongoBackend {
         Ok(out)
     }
 
+    async fn list_with_expired(&self) -> Result<Vec<LockState>> {
+        self.ready().await?;
+        let docs = self
+            .aggregate(vec![
+                doc! { "$match": { OWNER: { "$type": "string" } } },
+                doc! { "$sort": { "_id": 1 } },
+                doc! { "$project": with_now() },
+            ])
+            .await?;
+        let mut out = Vec::with_capacity(docs.len());
+        for doc in &docs {
+            match holder(&doc_key(doc)?, doc)? {
+                Some((info, true)) => out.push(LockState::Expired(info)),
+                Some((info, false)) => out.push(LockState::Held(info)),
+                None => {}
+            }
+        }
+        Ok(out)
+    }
+
     async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>> {
         self.ready().await?;
         let before = self
@@ -711,5 +739,23 @@ impl LockBackend for MongoBackend {
 
     fn watch_lost(&self, _lease: &Lease) -> Option<Wakeup> {
         None
+    }
+
+    /// Shuts down the client [`MongoBackend::connect`] made (ending its server sessions and
+    /// closing its connections, without waiting for cursors still open), within 5 s. Left to
+    /// itself, the driver does that from the drop of the last handle, in a task that can panic
+    /// when the runtime is shutting down. A client passed to [`MongoBackend::with_client`] is
+    /// left alone.
+    async fn shutdown(&self) {
+        let Some(client) = &self.inner.own_client else {
+            return;
+        };
+        let shutdown = client.clone().shutdown().immediate(true);
+        if tokio::time::timeout(SHUTDOWN_TIMEOUT, shutdown)
+            .await
+            .is_err()
+        {
+            tracing::debug!("MongoDB client shutdown did not finish within {SHUTDOWN_TIMEOUT:?}");
+        }
     }
 }

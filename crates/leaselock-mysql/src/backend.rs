@@ -41,6 +41,9 @@ pub(crate) fn micros(duration: Duration) -> u64 {
 /// there idle where a server or proxy timeout could close it unseen.
 const HOT_IDLE: Duration = Duration::from_secs(1);
 
+/// How long [`Shared::shutdown`] waits for the pool to disconnect.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What every backend instance owns: its own pool, and how to describe errors.
 pub(crate) struct Shared {
     pub(crate) pool: Pool,
@@ -187,6 +190,29 @@ impl Shared {
             ctx,
             checked,
             hot: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// [`leaselock::LockBackend::shutdown`]: closes the kept connection and disconnects the
+    /// pool, waiting at most [`SHUTDOWN_TIMEOUT`] for connections still taken from it (a held
+    /// `GET_LOCK` lock's, a waiter's) to come back.
+    pub(crate) async fn shutdown(&self) {
+        let hot = self.hot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let pool = self.pool.clone();
+        let close = async move {
+            if let Some((conn, _)) = hot {
+                let _ = conn.disconnect().await;
+            }
+            pool.disconnect().await
+        };
+        match tokio::time::timeout(SHUTDOWN_TIMEOUT, close).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %self.ctx.convert(e), "MySQL pool disconnect failed")
+            }
+            Err(_) => {
+                tracing::debug!("MySQL pool disconnect did not finish within {SHUTDOWN_TIMEOUT:?}")
+            }
         }
     }
 

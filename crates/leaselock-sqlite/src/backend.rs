@@ -82,6 +82,7 @@ struct Statements {
     release: String,
     status: String,
     list: String,
+    list_with_expired: String,
     force: String,
     expired: String,
 }
@@ -102,7 +103,8 @@ impl Statements {
                     ttl_ms INTEGER
                 )"
             ),
-            exists: "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1"
+            exists: "SELECT type FROM sqlite_schema WHERE name = ?1 COLLATE NOCASE \
+                     AND type IN ('table', 'view') ORDER BY type = 'table' DESC LIMIT 1"
                 .to_owned(),
             // One statement: insert a new key, or take over a free or expired one; the token
             // counts on from the row's last value, so it never goes back. A lock without expiry
@@ -141,6 +143,11 @@ impl Statements {
             status: format!(
                 "SELECT owner, token, acquired_at_ms, expires_at_ms, {NOW_MS}
                  FROM {t} WHERE lock_key = ?1"
+            ),
+            list_with_expired: format!(
+                "SELECT lock_key, owner, token, acquired_at_ms, expires_at_ms, {NOW_MS}
+                 FROM {t} WHERE owner IS NOT NULL
+                 ORDER BY lock_key"
             ),
             list: format!(
                 "SELECT lock_key, owner, token, acquired_at_ms, expires_at_ms, {NOW_MS}
@@ -188,26 +195,65 @@ impl SqliteBackend {
     /// Opens (creating if needed) the database file and configures it for several processes:
     /// WAL journal, the busy timeout. Does not create the table: call
     /// [`LockBackend::init_storage`].
+    ///
+    /// With [`SqliteConfig::read_only`] the file is opened read-only and left exactly as it is
+    /// (no journal mode switch); with it or without [`SqliteConfig::create_if_missing`], a
+    /// missing file is [`Error::NotInitialized`] and nothing is created. A path that is not an
+    /// SQLite database (a directory, another kind of file) is [`Error::NotAccessible`].
     pub async fn connect(config: SqliteConfig) -> Result<Self> {
         let (table, busy_timeout) = config.validated()?;
         let path = config.path().to_path_buf();
         let sql = Statements::new(&table);
         let open_path = path.clone();
+        let read_only = config.is_read_only();
+        let create = config.creates_if_missing();
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
-            let conn = Connection::open_with_flags(
-                &open_path,
-                OpenFlags::SQLITE_OPEN_READ_WRITE
-                    | OpenFlags::SQLITE_OPEN_CREATE
-                    | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-            .map_err(|e| crate::error::open_failed(&open_path, e))?;
-            conn.busy_timeout(busy_timeout).map_err(convert)?;
-            let mode = wal_mode(&conn, busy_timeout)?;
-            if !mode.eq_ignore_ascii_case("wal") {
-                tracing::warn!(path = %open_path.display(), mode, "SQLite could not switch to WAL; locking still works, with more contention");
+            if !create && std::fs::symlink_metadata(&open_path).is_err() {
+                return Err(Error::NotInitialized {
+                    backend: NAME,
+                    what: format!(
+                        "the database file {} does not exist: run init_storage (or `leaselock \
+                         init`)",
+                        open_path.display()
+                    ),
+                });
             }
-            conn.execute_batch("PRAGMA synchronous = NORMAL")
-                .map_err(convert)?;
+            if open_path.is_dir() {
+                return Err(Error::NotAccessible {
+                    backend: NAME,
+                    what: format!(
+                        "{} is a directory, not an SQLite database file",
+                        open_path.display()
+                    ),
+                    source: None,
+                });
+            }
+            let mut flags = OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            flags |= if read_only {
+                OpenFlags::SQLITE_OPEN_READ_ONLY
+            } else {
+                OpenFlags::SQLITE_OPEN_READ_WRITE
+            };
+            if create {
+                flags |= OpenFlags::SQLITE_OPEN_CREATE;
+            }
+            let conn = Connection::open_with_flags(&open_path, flags)
+                .map_err(|e| crate::error::open_failed(&open_path, e))?;
+            conn.busy_timeout(busy_timeout).map_err(convert)?;
+            // Reading the schema is the first access of the file: a file that is not a
+            // database fails here, with SQLite's "file is not a database".
+            conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(|e| not_a_database(&open_path, e))?;
+            if !read_only {
+                let mode = wal_mode(&conn, busy_timeout)?;
+                if !mode.eq_ignore_ascii_case("wal") {
+                    tracing::warn!(path = %open_path.display(), mode, "SQLite could not switch to WAL; locking still works, with more contention");
+                }
+                conn.execute_batch("PRAGMA synchronous = NORMAL")
+                    .map_err(convert)?;
+            }
             Ok(conn)
         })
         .await
@@ -322,6 +368,53 @@ fn give_up_when_busy(_attempts: i32) -> bool {
     false
 }
 
+/// A statement of the backend does not fit the table it found.
+fn wrong_columns(table: &str, error: rusqlite::Error) -> Error {
+    match convert(error) {
+        Error::Backend { source, .. } => Error::NotAccessible {
+            backend: NAME,
+            what: format!(
+                "table `{table}` is not a leaselock lock table (its columns do not fit: {source})"
+            ),
+            source: None,
+        },
+        other => other,
+    }
+}
+
+/// The first read of a file failed: say which file is not a usable database.
+fn not_a_database(path: &std::path::Path, error: rusqlite::Error) -> Error {
+    match convert(error) {
+        Error::NotAccessible { what, source, .. } => Error::NotAccessible {
+            backend: NAME,
+            what: format!("{}: {what}", path.display()),
+            source,
+        },
+        other => other,
+    }
+}
+
+/// The rows of a list statement (key, then the holder columns), each with whether it expired.
+fn list_rows(conn: &mut Connection, statement: &str) -> Result<Vec<(LockInfo, bool)>> {
+    let mut stmt = conn.prepare_cached(statement).map_err(convert)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?),
+            ))
+        })
+        .map_err(convert)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (key, row) = row.map_err(convert)?;
+        let key = LockKey::new(key)
+            .map_err(|e| Error::permanent(NAME, format!("corrupt key in lock table: {e}")))?;
+        out.push(info(&key, row)?);
+    }
+    Ok(out)
+}
+
 fn immediate(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>> {
     conn.transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(convert)
@@ -399,15 +492,29 @@ impl LockBackend for SqliteBackend {
 
     async fn check_storage(&self) -> Result<()> {
         self.with(|conn, sql| {
-            let count: i64 = conn
+            let kind: Option<String> = conn
                 .query_row(&sql.exists, [&sql.table], |r| r.get(0))
+                .optional()
                 .map_err(convert)?;
-            if count == 0 {
-                return Err(not_initialized(&format!("no table `{}`", sql.table)));
+            match kind.as_deref() {
+                Some("table") => {}
+                Some(other) => {
+                    return Err(Error::NotAccessible {
+                        backend: NAME,
+                        what: format!(
+                            "`{}` is a {other}, not a lock table: drop it or choose another \
+                             table name",
+                            sql.table
+                        ),
+                        source: None,
+                    })
+                }
+                None => return Err(not_initialized(&format!("no table `{}`", sql.table))),
             }
             // Preparing every statement checks the columns too.
             for statement in [&sql.acquire, &sql.refresh, &sql.status, &sql.list] {
-                conn.prepare_cached(statement).map_err(convert)?;
+                conn.prepare_cached(statement)
+                    .map_err(|e| wrong_columns(&sql.table, e))?;
             }
             Ok(())
         })
@@ -557,27 +664,26 @@ impl LockBackend for SqliteBackend {
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
-        self.with_pool(|conn, sql| {
-            let mut stmt = conn.prepare_cached(&sql.list).map_err(convert)?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?),
-                    ))
-                })
-                .map_err(convert)?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (key, row) = row.map_err(convert)?;
-                let key = LockKey::new(key).map_err(|e| {
-                    Error::permanent(NAME, format!("corrupt key in lock table: {e}"))
-                })?;
-                out.push(info(&key, row)?.0);
-            }
-            Ok(out)
-        })
-        .await
+        let rows = self
+            .with_pool(|conn, sql| list_rows(conn, &sql.list))
+            .await?;
+        Ok(rows.into_iter().map(|(info, _)| info).collect())
+    }
+
+    async fn list_with_expired(&self) -> Result<Vec<LockState>> {
+        let rows = self
+            .with_pool(|conn, sql| list_rows(conn, &sql.list_with_expired))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(info, expired)| {
+                if expired {
+                    LockState::Expired(info)
+                } else {
+                    LockState::Held(info)
+                }
+            })
+            .collect())
     }
 
     async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>> {

@@ -25,6 +25,8 @@ pub struct SqliteConfig {
     path: PathBuf,
     table: String,
     busy_timeout: Duration,
+    read_only: bool,
+    create_if_missing: bool,
 }
 
 impl SqliteConfig {
@@ -36,6 +38,8 @@ impl SqliteConfig {
             path: path.into(),
             table: DEFAULT_TABLE.to_owned(),
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
+            read_only: false,
+            create_if_missing: true,
         }
     }
 
@@ -53,9 +57,38 @@ impl SqliteConfig {
         self
     }
 
+    /// Open the database file read-only (SQLite's `SQLITE_OPEN_READ_ONLY`), for tools that only
+    /// look: the file is never created, its journal mode is left as it is, and nothing is ever
+    /// written: [`leaselock::LockBackend::init_storage`], acquisitions, releases and refreshes
+    /// fail with [`Error::NotAccessible`]; `status`, `list` and the storage check work.
+    /// Default: `false` (read-write).
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Whether opening creates the database file when it does not exist. Default: `true`. With
+    /// `false` (and always when [`SqliteConfig::read_only`]), a missing file fails with
+    /// [`Error::NotInitialized`] and nothing is created.
+    pub fn create_if_missing(mut self, create: bool) -> Self {
+        self.create_if_missing = create;
+        self
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the file is opened read-only (see [`SqliteConfig::read_only`]).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Whether a missing file is created: [`SqliteConfig::create_if_missing`], never when
+    /// read-only.
+    pub fn creates_if_missing(&self) -> bool {
+        self.create_if_missing && !self.read_only
     }
 
     pub(crate) fn validated(&self) -> Result<(Namespace, Duration)> {

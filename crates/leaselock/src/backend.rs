@@ -120,6 +120,37 @@ pub trait LockBackend: Send + Sync + Debug {
     /// Every lock currently held (not expired), in key order.
     async fn list(&self) -> Result<Vec<LockInfo>>;
 
+    /// Every lock held now and every expired lease nobody has taken over or cleared yet (the
+    /// stale locks an operator looks for), in key order: each a [`LockState::Held`] or a
+    /// [`LockState::Expired`], never [`LockState::Free`]. The held ones are what
+    /// [`LockBackend::list`] returns.
+    ///
+    /// The default returns [`LockBackend::list`] as held locks, which is right for a backend
+    /// whose locks never expire (session locks end with their session and leave nothing
+    /// behind). A lease backend overrides it.
+    ///
+    /// ```
+    /// use leaselock::{AcquireOutcome, AcquireRequest, LockBackend, LockKey, LockState, MemoryBackend, OwnerId};
+    /// use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> leaselock::Result<()> {
+    /// let backend = MemoryBackend::new();
+    /// let req = AcquireRequest::new(LockKey::new("job")?, OwnerId::new("me")?, Duration::from_millis(20))?;
+    /// let AcquireOutcome::Acquired(_) = backend.try_acquire(&req).await? else { panic!() };
+    /// tokio::time::sleep(Duration::from_millis(50)).await;
+    /// assert!(backend.list().await?.is_empty());
+    /// let all = backend.list_with_expired().await?;
+    /// assert!(matches!(&all[..], [LockState::Expired(info)] if info.key.as_str() == "job"));
+    /// # Ok(()) }
+    /// ```
+    async fn list_with_expired(&self) -> Result<Vec<LockState>> {
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .map(LockState::Held)
+            .collect())
+    }
+
     /// Releases a key whoever holds it. Returns the holder it removed, if any. The fencing
     /// counter is kept.
     async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>>;
@@ -136,6 +167,17 @@ pub trait LockBackend: Send + Sync + Debug {
     /// (a session lock's connection dropped or was killed). `None` when the backend cannot tell;
     /// the refresh daemon then finds out at its next refresh or at the local deadline.
     fn watch_lost(&self, lease: &Lease) -> Option<Wakeup>;
+
+    /// Closes the backend's connections (its client or pool) in an orderly way, for a program
+    /// about to end its async runtime: some drivers clean up in background tasks when their last
+    /// handle is dropped, and those tasks can fail noisily when the runtime is already going
+    /// away. Call it once, after the last operation, when nothing holds a lock through this
+    /// backend any more: any later operation may fail. A backend built over a client or pool
+    /// the application passed in leaves that client alone.
+    ///
+    /// Best effort and bounded: it never fails, and a backend that has nothing to close keeps
+    /// the default, which does nothing.
+    async fn shutdown(&self) {}
 }
 
 /// [`LockBackend::refresh_many`] for a database that can extend many leases of one duration in
@@ -248,6 +290,9 @@ impl<B: LockBackend + ?Sized> LockBackend for Arc<B> {
     async fn list(&self) -> Result<Vec<LockInfo>> {
         (**self).list().await
     }
+    async fn list_with_expired(&self) -> Result<Vec<LockState>> {
+        (**self).list_with_expired().await
+    }
     async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>> {
         (**self).force_release(key).await
     }
@@ -259,5 +304,8 @@ impl<B: LockBackend + ?Sized> LockBackend for Arc<B> {
     }
     fn watch_lost(&self, lease: &Lease) -> Option<Wakeup> {
         (**self).watch_lost(lease)
+    }
+    async fn shutdown(&self) {
+        (**self).shutdown().await
     }
 }

@@ -877,6 +877,13 @@ impl Locker {
         self.report(Operation::List, None, outcome).await
     }
 
+    /// Every lock held now and every expired lease not yet taken over or cleared, in key order
+    /// (see [`LockBackend::list_with_expired`]).
+    pub async fn list_with_expired(&self) -> Result<Vec<LockState>> {
+        let outcome = self.inner.backend.list_with_expired().await;
+        self.report(Operation::List, None, outcome).await
+    }
+
     /// Breaks the lock on `key` whoever holds it (for operators: a crashed holder's lock that
     /// will not expire soon). Returns the holder removed, if any.
     pub async fn force_release(&self, key: impl AsRef<str>) -> Result<Option<LockInfo>> {

@@ -310,6 +310,23 @@ impl LockBackend for MemoryBackend {
             .collect())
     }
 
+    async fn list_with_expired(&self) -> Result<Vec<LockState>> {
+        let now = Instant::now();
+        let keys = self.keys()?;
+        Ok(keys
+            .iter()
+            .filter_map(|(key, e)| e.holder.as_ref().map(|h| (key, h)))
+            .map(|(key, h)| {
+                let info = h.info(key, now);
+                if h.is_expired(now) {
+                    LockState::Expired(info)
+                } else {
+                    LockState::Held(info)
+                }
+            })
+            .collect())
+    }
+
     async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>> {
         let now = Instant::now();
         let mut keys = self.keys()?;

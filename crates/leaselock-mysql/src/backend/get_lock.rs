@@ -1067,6 +1067,12 @@ impl LockBackend for MysqlGetLockBackend {
             }
         }))
     }
+
+    /// Disconnects this instance's pool, waiting at most 5 s for connections still out of it
+    /// (a held lock's, a waiter's) to come back.
+    async fn shutdown(&self) {
+        self.shared().shutdown().await
+    }
 }
 
 /// Waits server-side, `wait` seconds at a time, until `name` is free, takes it and lets go in the

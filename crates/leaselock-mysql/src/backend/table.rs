@@ -84,6 +84,7 @@ struct Sql {
     release: String,
     status: String,
     list: String,
+    list_with_expired: String,
     force: String,
     release_expired: String,
 }
@@ -153,6 +154,10 @@ impl Sql {
             list: format!(
                 "SELECT lock_key, {holder_columns} FROM {table} \
                  WHERE owner IS NOT NULL AND expires_at > {now} ORDER BY lock_key"
+            ),
+            list_with_expired: format!(
+                "SELECT lock_key, {holder_columns} FROM {table} \
+                 WHERE owner IS NOT NULL ORDER BY lock_key"
             ),
             force: format!(
                 "UPDATE {table} SET owner = NULL, acquired_at = NULL, expires_at = NULL \
@@ -412,6 +417,24 @@ impl LockBackend for MysqlTableBackend {
         Ok(out)
     }
 
+    async fn list_with_expired(&self) -> Result<Vec<LockState>> {
+        let shared = self.shared();
+        let mut conn = shared.conn().await?;
+        type ListRow = (Vec<u8>, Option<Vec<u8>>, u64, Option<i64>, Option<i64>, i64);
+        let rows: Vec<ListRow> = shared
+            .all(&mut conn, &self.inner.sql.list_with_expired, ())
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (key, owner, token, acquired, expires, now) in rows {
+            let key = shared.key_from(key)?;
+            match self.state(&key, Some((owner, token, acquired, expires, now)))? {
+                LockState::Free => {}
+                state => out.push(state),
+            }
+        }
+        Ok(out)
+    }
+
     async fn force_release(&self, key: &LockKey) -> Result<Option<LockInfo>> {
         let shared = self.shared();
         let mut conn = shared.conn().await?;
@@ -451,5 +474,9 @@ impl LockBackend for MysqlTableBackend {
 
     fn watch_lost(&self, _lease: &Lease) -> Option<Wakeup> {
         None
+    }
+    /// Disconnects this instance's pool (within 5 s).
+    async fn shutdown(&self) {
+        self.shared().shutdown().await
     }
 }

@@ -505,6 +505,27 @@ impl LockBackend for PgTableBackend {
         Ok(out)
     }
 
+    async fn list_with_expired(&self) -> Result<Vec<LockState>> {
+        let sql = format!(
+            "SELECT key, owner, token, acquired_at, expires_at, now() AS now FROM {t} \
+              WHERE owner IS NOT NULL ORDER BY key COLLATE \"C\"",
+            t = self.t()
+        );
+        let rows = self.shared.query("list", &sql, &[]).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let now: SystemTime = row.try_get("now").map_err(conv)?;
+            let k = key(NAME, row.try_get(0).map_err(conv)?)?;
+            if let Some(info) = info_at(&k, row, 1, now)? {
+                out.push(match info.expires_at {
+                    Some(expires_at) if expires_at <= now => LockState::Expired(info),
+                    _ => LockState::Held(info),
+                });
+            }
+        }
+        Ok(out)
+    }
+
     async fn force_release(&self, k: &LockKey) -> Result<Option<LockInfo>> {
         let sql = format!(
             "WITH r AS ( \
