@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use leaselock::{
-    validate_lease_duration, Error, HookResult, LockGuard, LockHooks, LockInfo, LockKey, Locker,
-    LockerBuilder, MemoryBackend, OwnerId, WaitPolicy,
+    validate_lease_duration, Error, HookResult, LockGuard, LockHooks, LockInfo, LockKey, LockKind,
+    Locker, LockerBuilder, MemoryBackend, OwnerId, WaitPolicy,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -87,9 +87,10 @@ pub async fn run(url: &str, args: RunArgs) -> Result<u8, Failure> {
             .wait(wait_left(&wait, started.elapsed(), args.poll_interval))
             .build()
             .map_err(|e| Failure::lock("", &e))?;
-        Ok::<_, Failure>(locker.acquire(key.as_str()).await)
+        let kind = locker.capabilities().kind;
+        Ok::<_, Failure>((kind, locker.acquire(key.as_str()).await))
     };
-    let acquired = tokio::select! {
+    let (kind, acquired) = tokio::select! {
         acquired = prepare => acquired?,
         sig = signals.recv() => {
             say(&format!("{} before `{key}` was acquired; not running the command", sig.as_str()));
@@ -119,7 +120,7 @@ pub async fn run(url: &str, args: RunArgs) -> Result<u8, Failure> {
     let child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
-            release(guard, &key, args.ttl, &mut signals).await;
+            release(guard, &key, left_behind(kind, args.ttl), &mut signals).await;
             return Err(Failure::new(
                 CANNOT_RUN,
                 format!("cannot run `{}`: {e}", program.to_string_lossy()),
@@ -129,7 +130,7 @@ pub async fn run(url: &str, args: RunArgs) -> Result<u8, Failure> {
 
     let end = supervise(child, &guard, &mut signals, &key, args.kill_grace).await;
     let lost_before_release = guard.is_lost();
-    let still_held = release(guard, &key, args.ttl, &mut signals).await;
+    let still_held = release(guard, &key, left_behind(kind, args.ttl), &mut signals).await;
     match end {
         Err(e) => Err(Failure::new(
             INTERNAL,
@@ -190,21 +191,31 @@ fn held_message(
     }
 }
 
+/// What becomes of a lock whose release failed or was abandoned, for messages: a lease expires
+/// within `ttl`; a session lock ends with leaselock's connection, which closes as it exits.
+fn left_behind(kind: LockKind, ttl: Duration) -> String {
+    match kind {
+        LockKind::Session => "it is a session lock, freed when leaselock's connection closes as \
+                              it exits"
+            .to_owned(),
+        LockKind::Lease => format!("the lease expires within {}", human_duration(ttl)),
+    }
+}
+
 /// Releases the lock, warning when that fails. `Some(was_held)` on success. A signal received
-/// meanwhile abandons the release (the lease then expires within `ttl`).
+/// meanwhile abandons the release; `left_behind` says what then becomes of the lock.
 async fn release(
     guard: LockGuard,
     key: &LockKey,
-    ttl: Duration,
+    left_behind: String,
     signals: &mut Signals,
 ) -> Option<bool> {
     let outcome = tokio::select! {
         outcome = guard.release() => outcome,
         sig = signals.recv() => {
             say(&format!(
-                "{} while releasing `{key}`; giving up, the lease expires within {}",
-                sig.as_str(),
-                human_duration(ttl)
+                "{} while releasing `{key}`; giving up: {left_behind}",
+                sig.as_str()
             ));
             return None;
         }
@@ -213,9 +224,8 @@ async fn release(
         Ok(was_held) => Some(was_held),
         Err(e) => {
             say(&format!(
-                "could not release `{key}`: {}; it will expire within {}",
-                crate::exit::describe(&e),
-                human_duration(ttl)
+                "could not release `{key}`: {}; {left_behind}",
+                crate::exit::describe(&e)
             ));
             None
         }
