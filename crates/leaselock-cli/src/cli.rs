@@ -77,7 +77,8 @@ pub enum Command {
     /// Create the lock storage (table) if it is missing. Safe to run any number of times.
     Init,
 
-    /// Check that the lock storage is reachable and initialized; say what is missing (exit 66).
+    /// Check that the lock storage is reachable and initialized; say what is missing (exit 66,
+    /// or 77 when the credentials or a permission are refused).
     Check,
 
     /// Show the database's own name for the lock KEY, without connecting to anything.

@@ -1,10 +1,13 @@
 //! leaselock's tables next to an application's schema: `?schema=` on the PostgreSQL advisory
-//! strategy keeps them out of `public`, and a session lock whose tables a migration dropped is
-//! reported as what it is (freed with the connection), not as a lease that "will expire". Against
-//! the server named by `LEASELOCK_POSTGRES_URL` (skipped with a loud message when unset); every
-//! schema and table is fresh and dropped at the end.
+//! strategy keeps them out of `public`, a database of their own keeps MySQL's `GET_LOCK` tables
+//! out of the application's, and a session lock whose tables a migration dropped is reported as
+//! what it is (freed with the connection), not as a lease that "will expire". Against the
+//! servers named by `LEASELOCK_POSTGRES_URL` and `LEASELOCK_MYSQL_URL` (skipped with a loud
+//! message when unset); every schema, database and table is fresh and dropped at the end.
 
 use std::process::{Command, Output, Stdio};
+
+use leaselock_mysql::mysql_async::{self, prelude::Queryable};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const BIN: &str = env!("CARGO_BIN_EXE_leaselock");
@@ -163,4 +166,96 @@ fn a_failed_release_of_a_session_lock_does_not_promise_an_expiry() {
         .unwrap_or_else(|| panic!("no release failure reported: {err}"));
     assert!(line.contains("session lock"), "{line}");
     assert!(!line.contains("expire"), "{line}");
+}
+
+/// Runs `sql` on the MySQL/MariaDB server; returns the first column of every row.
+fn mysql(url: &str, sql: &str) -> Vec<String> {
+    let url = url.replacen("mariadb://", "mysql://", 1);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(async {
+            let mut conn = mysql_async::Conn::from_url(url.as_str())
+                .await
+                .expect("connect to MariaDB");
+            let values: Vec<String> = conn.query(sql).await.expect(sql);
+            let _ = conn.disconnect().await;
+            values
+        })
+}
+
+/// MySQL/MariaDB: a database of leaselock's own in the URL's path holds the `GET_LOCK`
+/// strategy's counter and holder tables; the application's database gets none.
+#[test]
+fn get_lock_tables_go_to_the_database_of_the_url() {
+    let Some(url) = leaselock_conformance::server_url("LEASELOCK_MYSQL_URL") else {
+        return;
+    };
+    let db = fresh("db");
+    let app_db = url::Url::parse(&url)
+        .expect("a valid server URL")
+        .path()
+        .trim_start_matches('/')
+        .to_owned();
+    mysql(&url, &format!("CREATE DATABASE `{db}`"));
+    let mut own = url::Url::parse(&url).expect("a valid server URL");
+    own.set_path(&format!("/{db}"));
+    let storage = with_query(own.as_str(), &format!("prefix={db}"));
+    let mut tokens = Vec::new();
+    for _ in 0..2 {
+        let done = leaselock(
+            &storage,
+            &[
+                "run",
+                "k",
+                "--no-wait",
+                "--",
+                "sh",
+                "-c",
+                "echo $LEASELOCK_TOKEN",
+            ],
+        );
+        assert_eq!(done.status.code(), Some(0), "{}", text(&done.stderr));
+        tokens.push(text(&done.stdout).trim().parse::<u64>().expect("a token"));
+    }
+    assert!(tokens[1] > tokens[0], "{tokens:?}");
+    let mut tables = mysql(
+        &url,
+        &format!(
+            "SELECT CAST(table_name AS CHAR) FROM information_schema.tables \
+             WHERE table_schema = '{db}'"
+        ),
+    );
+    tables.sort();
+    mysql(&url, &format!("DROP DATABASE `{db}`"));
+    assert_eq!(
+        tables,
+        ["leaselock_get_locks", "leaselock_get_locks_holders"]
+    );
+    // The key's lock name has no row in the application's database's counter table.
+    let native = text(&leaselock(&storage, &["key", "k", "--json"]).stdout);
+    let lock_name = native
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"lock_name\": \""))
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no lock_name in {native}"))
+        .to_owned();
+    let app_has_counters = mysql(
+        &url,
+        &format!(
+            "SELECT CAST(count(*) AS CHAR) FROM information_schema.tables \
+             WHERE table_schema = '{app_db}' AND table_name = 'leaselock_get_locks'"
+        ),
+    );
+    if !app_db.is_empty() && app_has_counters == ["1"] {
+        let rows = mysql(
+            &url,
+            &format!(
+                "SELECT CAST(count(*) AS CHAR) FROM `{app_db}`.leaselock_get_locks \
+                 WHERE lock_name = '{lock_name}'"
+            ),
+        );
+        assert_eq!(rows, ["0"], "{lock_name}");
+    }
 }
