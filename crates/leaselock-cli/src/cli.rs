@@ -97,7 +97,8 @@ pub enum Command {
     /// with other columns, or a view.
     Init(InitArgs),
 
-    /// Check that the lock storage is reachable and initialized; say what is missing (exit 66).
+    /// Check that the lock storage is reachable and initialized; say what is missing (exit 66,
+    /// or 77 when the credentials or a permission are refused).
     ///
     /// Only reads: opens the storage read-only and creates nothing.
     Check(CheckArgs),

@@ -253,14 +253,20 @@ async fn attempt_ready(
 }
 
 /// Why storage cannot be reached, briefly: the kind of a network error (`connection refused`,
-/// `timed out`, ...), else the backend's own description.
+/// `timed out`, ...) or its message (`failed to lookup address information: ...`), else the
+/// backend's own description.
 fn unreachable_reason(error: &Error) -> String {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(cause) = source {
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            if io.kind() != std::io::ErrorKind::Other {
-                return io.kind().to_string();
-            }
+            use std::io::ErrorKind::*;
+            return match io.kind() {
+                kind @ (ConnectionRefused | ConnectionReset | ConnectionAborted | TimedOut
+                | HostUnreachable | NetworkUnreachable | NotConnected | BrokenPipe
+                | AddrNotAvailable | UnexpectedEof) => kind.to_string(),
+                // DNS failures and the like: the system's own words.
+                _ => crate::exit::one_line(&io.to_string()),
+            };
         }
         source = cause.source();
     }
@@ -637,4 +643,41 @@ fn native_key(url: &str, args: KeyArgs) -> Result<u8, Failure> {
         out(&native_text(key.as_str(), &native));
     }
     Ok(OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_short_and_name_the_network_failure() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let err = Error::not_accessible("x", "cannot connect to db:5432", Some(Box::new(refused)));
+        assert_eq!(unreachable_reason(&err), "connection refused");
+        let dns = std::io::Error::other("failed to lookup address information: Name unknown");
+        let err = Error::not_accessible("x", "cannot connect to db:5432", Some(Box::new(dns)));
+        assert_eq!(
+            unreachable_reason(&err),
+            "failed to lookup address information: Name unknown"
+        );
+        let err = Error::not_accessible("x", "database \"app\" does not exist (3D000)", None);
+        assert_eq!(
+            unreachable_reason(&err),
+            "database \"app\" does not exist (3D000)"
+        );
+    }
+
+    #[test]
+    fn the_time_spent_reaching_storage_comes_off_the_wait() {
+        let interval = Duration::from_millis(250);
+        let wait = WaitPolicy::until(Duration::from_secs(20), interval);
+        let left = wait_left(&wait, Duration::from_secs(3), interval);
+        assert_eq!(left.timeout(), Some(Duration::from_secs(17)));
+        let none_left = wait_left(&wait, Duration::from_secs(21), interval);
+        assert_eq!(none_left, WaitPolicy::fail_fast());
+        assert_eq!(
+            wait_left(&WaitPolicy::fail_fast(), Duration::from_secs(1), interval),
+            WaitPolicy::fail_fast()
+        );
+    }
 }

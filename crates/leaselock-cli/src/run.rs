@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use leaselock::{
-    validate_lease_duration, Error, HookResult, LockGuard, LockHooks, LockInfo, LockKey, Locker,
-    LockerBuilder, MemoryBackend, OwnerId, WaitPolicy,
+    validate_lease_duration, Error, HookResult, LockGuard, LockHooks, LockInfo, LockKey, LockKind,
+    Locker, LockerBuilder, MemoryBackend, OwnerId, WaitPolicy,
 };
 use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, SignalKind};
@@ -126,9 +126,10 @@ pub async fn run(storage: &StorageUrl, args: RunArgs) -> Result<u8, Failure> {
             .wait(wait_left(&wait, started.elapsed(), args.poll_interval))
             .build()
             .map_err(|e| Failure::lock("", &e))?;
-        Ok::<_, Failure>(locker.acquire(key.as_str()).await)
+        let kind = locker.capabilities().kind;
+        Ok::<_, Failure>((kind, locker.acquire(key.as_str()).await))
     };
-    let acquired = tokio::select! {
+    let (kind, acquired) = tokio::select! {
         acquired = prepare => acquired?,
         sig = signals.recv() => {
             say(&format!("{} before `{key}` was acquired; not running the command", sig.as_str()));
@@ -173,7 +174,8 @@ pub async fn run(storage: &StorageUrl, args: RunArgs) -> Result<u8, Failure> {
         {
             Ok(Check::Needed) => {}
             Ok(Check::NotNeeded) => {
-                let still_held = release(guard, &key, args.ttl, &mut signals).await;
+                let still_held =
+                    release(guard, &key, left_behind(kind, args.ttl), &mut signals).await;
                 if !args.quiet {
                     say(&format!(
                         "`{key}` acquired, but the check says there is nothing to do any more \
@@ -184,11 +186,11 @@ pub async fn run(storage: &StorageUrl, args: RunArgs) -> Result<u8, Failure> {
                 return Ok(crate::exit::OK);
             }
             Ok(Check::Failed(code)) => {
-                release(guard, &key, args.ttl, &mut signals).await;
+                release(guard, &key, left_behind(kind, args.ttl), &mut signals).await;
                 return Ok(code);
             }
             Err(failure) => {
-                release(guard, &key, args.ttl, &mut signals).await;
+                release(guard, &key, left_behind(kind, args.ttl), &mut signals).await;
                 return Err(failure);
             }
         }
@@ -204,7 +206,7 @@ pub async fn run(storage: &StorageUrl, args: RunArgs) -> Result<u8, Failure> {
     let tree = match Tree::spawn(&spec) {
         Ok(tree) => tree,
         Err(e) => {
-            release(guard, &key, args.ttl, &mut signals).await;
+            release(guard, &key, left_behind(kind, args.ttl), &mut signals).await;
             return Err(Failure::new(
                 CANNOT_RUN,
                 format!("cannot run `{}`: {e}", program.to_string_lossy()),
@@ -214,7 +216,7 @@ pub async fn run(storage: &StorageUrl, args: RunArgs) -> Result<u8, Failure> {
 
     let end = supervise(tree, Some(&guard), &mut signals, &key, args.kill_grace).await;
     let lost_before_release = guard.is_lost();
-    let still_held = release(guard, &key, args.ttl, &mut signals).await;
+    let still_held = release(guard, &key, left_behind(kind, args.ttl), &mut signals).await;
     match end {
         Err(e) => Err(Failure::new(
             INTERNAL,
@@ -344,21 +346,31 @@ fn held_message(
     }
 }
 
+/// What becomes of a lock whose release failed or was abandoned, for messages: a lease expires
+/// within `ttl`; a session lock ends with leaselock's connection, which closes as it exits.
+fn left_behind(kind: LockKind, ttl: Duration) -> String {
+    match kind {
+        LockKind::Session => "it is a session lock, freed when leaselock's connection closes as \
+                              it exits"
+            .to_owned(),
+        LockKind::Lease => format!("the lease expires within {}", human_duration(ttl)),
+    }
+}
+
 /// Releases the lock, warning when that fails. `Some(was_held)` on success. A signal received
-/// meanwhile abandons the release (the lease then expires within `ttl`).
+/// meanwhile abandons the release; `left_behind` says what then becomes of the lock.
 async fn release(
     guard: LockGuard,
     key: &LockKey,
-    ttl: Duration,
+    left_behind: String,
     signals: &mut Signals,
 ) -> Option<bool> {
     let outcome = tokio::select! {
         outcome = guard.release() => outcome,
         sig = signals.recv() => {
             say(&format!(
-                "{} while releasing `{key}`; giving up, the lease expires within {}",
-                sig.as_str(),
-                human_duration(ttl)
+                "{} while releasing `{key}`; giving up: {left_behind}",
+                sig.as_str()
             ));
             return None;
         }
@@ -367,9 +379,8 @@ async fn release(
         Ok(was_held) => Some(was_held),
         Err(e) => {
             say(&format!(
-                "could not release `{key}`: {}; it will expire within {}",
-                crate::exit::describe(&e),
-                human_duration(ttl)
+                "could not release `{key}`: {}; {left_behind}",
+                crate::exit::describe(&e)
             ));
             None
         }

@@ -216,6 +216,95 @@ async fn concurrent_init_from_16_tasks() {
         .get(0);
     // The lease table, and the advisory backend's counter and holder tables.
     assert_eq!(schema_tables, 3);
+    drop(backends);
+    raw(&url)
+        .await
+        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await
+        .unwrap();
+}
+
+/// `?schema=NAME` with the advisory strategy (the default, default table names): the counter and
+/// holder tables are made in that schema, the lock's records go there and not to `public`, and
+/// the lock works. The way to keep leaselock's tables away from an application's migration tool.
+#[tokio::test]
+async fn advisory_storage_in_its_own_schema() {
+    let Some(url) = pg_url() else { return };
+    let schema = fresh("own_schema");
+    let prefix = fresh("prefix");
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let storage_url = format!("{url}{sep}schema={schema}&prefix={prefix}");
+    let from_url = || leaselock_postgres::from_url(&storage_url);
+    let backend = from_url().await.unwrap();
+    assert_eq!(backend.capabilities().backend, "postgres-advisory");
+    backend.init_storage().await.unwrap();
+    backend.check_storage().await.unwrap();
+    let k = key("own-schema");
+    let lease = acquire(&*backend, &request(&k, &owner("a"))).await;
+    let other = from_url().await.unwrap();
+    assert!(matches!(
+        other.try_acquire(&request(&k, &owner("b"))).await.unwrap(),
+        AcquireOutcome::Held(Some(_))
+    ));
+    assert_eq!(backend.list().await.unwrap().len(), 1);
+
+    let admin = raw(&url).await;
+    let mut tables: Vec<String> = admin
+        .query(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = $1",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    tables.sort();
+    assert_eq!(tables, ["leaselock_advisory", "leaselock_advisory_holders"]);
+    // The records of this prefix are in the schema's tables, none in public's (which other
+    // tests may have made).
+    let in_schema: i64 = admin
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM \"{schema}\".leaselock_advisory_holders WHERE prefix = $1"
+            ),
+            &[&prefix],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(in_schema, 1);
+    let public_exists: bool = admin
+        .query_one(
+            "SELECT to_regclass('public.leaselock_advisory_holders') IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let in_public: i64 = if public_exists {
+        admin
+            .query_one(
+                "SELECT count(*) FROM public.leaselock_advisory_holders WHERE prefix = $1",
+                &[&prefix],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    } else {
+        0
+    };
+    assert_eq!(in_public, 0);
+
+    assert!(backend.release(&lease).await.unwrap());
+    let next = acquire(&*other, &request(&k, &owner("b"))).await;
+    assert!(next.token > lease.token);
+    assert!(other.release(&next).await.unwrap());
+    drop((backend, other));
+    admin
+        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await
+        .unwrap();
 }
 
 /// Through PgBouncer in transaction mode, advisory locks are refused with an error naming the
@@ -804,6 +893,12 @@ async fn schema_and_mixed_case_table() {
         .unwrap()
         .get(0);
     assert!(exists);
+    drop(backend);
+    raw(&url)
+        .await
+        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await
+        .unwrap();
 }
 
 /// With the `tls` feature, `sslmode=require` really negotiates TLS and verifies the server's

@@ -219,14 +219,14 @@ impl SqliteBackend {
                 });
             }
             if open_path.is_dir() {
-                return Err(Error::NotAccessible {
-                    backend: NAME,
-                    what: format!(
+                // Waiting does not turn a directory into a database: permanent.
+                return Err(Error::permanent(
+                    NAME,
+                    format!(
                         "{} is a directory, not an SQLite database file",
                         open_path.display()
                     ),
-                    source: None,
-                });
+                ));
             }
             let mut flags = OpenFlags::SQLITE_OPEN_NO_MUTEX;
             flags |= if read_only {

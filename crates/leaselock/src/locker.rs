@@ -939,6 +939,8 @@ mod tests {
         failures_left: AtomicU32,
         /// While set, verify fails with a transient error (the database is unreachable).
         unreachable: std::sync::atomic::AtomicBool,
+        /// Errors the next acquisition attempts fail with, the last first.
+        acquire_errors: std::sync::Mutex<Vec<Error>>,
     }
 
     #[async_trait::async_trait]
@@ -953,6 +955,9 @@ mod tests {
             self.inner.check_storage().await
         }
         async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
+            if let Some(error) = self.acquire_errors.lock().unwrap().pop() {
+                return Err(error);
+            }
             self.inner.try_acquire(request).await
         }
         async fn refresh(&self, lease: &Lease) -> Result<Lease> {
@@ -1000,8 +1005,39 @@ mod tests {
             inner: inner.clone(),
             failures_left: AtomicU32::new(failures),
             unreachable: Default::default(),
+            acquire_errors: Default::default(),
         };
         (inner, backend)
+    }
+
+    /// Under a wait policy, storage that cannot be reached is tried again; refused credentials
+    /// end the acquisition at once, at the first attempt.
+    #[tokio::test]
+    async fn a_wait_retries_unreachable_storage_but_not_refused_credentials() {
+        let patient = WaitPolicy::until(Duration::from_secs(60), Duration::from_millis(5));
+        let (_, backend) = flaky(0);
+        let backend = Arc::new(backend);
+        *backend.acquire_errors.lock().unwrap() = (0..3)
+            .map(|_| Error::not_accessible("flaky", "connection refused", None))
+            .collect();
+        let locker = Locker::builder(Arc::clone(&backend))
+            .wait(patient.clone())
+            .build()
+            .unwrap();
+        let guard = locker.acquire("k").await.unwrap().expect("acquired");
+        assert!(backend.acquire_errors.lock().unwrap().is_empty());
+        assert!(guard.release().await.unwrap());
+
+        *backend.acquire_errors.lock().unwrap() = (0..3)
+            .map(|_| Error::denied("flaky", "password authentication failed", None))
+            .collect();
+        let err = locker.acquire("k").await.unwrap_err();
+        assert!(matches!(err, Error::Denied { .. }), "{err:?}");
+        assert_eq!(
+            backend.acquire_errors.lock().unwrap().len(),
+            2,
+            "one attempt only"
+        );
     }
 
     #[tokio::test]
