@@ -270,7 +270,7 @@ fn a_directory_or_a_foreign_file_is_refused_and_left_alone() {
     .unwrap();
     for (env, needle) in [
         (&env, "locks.db is a directory"),
-        (&foreign, "notes.txt: file is not a database"),
+        (&foreign, "file is not a database"),
     ] {
         let before = snapshot(env.dir.path());
         let mut commands: Vec<&[&str]> = LOOKERS.to_vec();
