@@ -174,15 +174,13 @@ pub async fn run(storage: &StorageUrl, args: RunArgs) -> Result<u8, Failure> {
         {
             Ok(Check::Needed) => {}
             Ok(Check::NotNeeded) => {
-                let still_held =
-                    release(guard, &key, left_behind(kind, args.ttl), &mut signals).await;
+                release(guard, &key, left_behind(kind, args.ttl), &mut signals).await;
                 if !args.quiet {
                     say(&format!(
                         "`{key}` acquired, but the check says there is nothing to do any more \
                          (another process did it); not running the command"
                     ));
                 }
-                let _ = still_held;
                 return Ok(crate::exit::OK);
             }
             Ok(Check::Failed(code)) => {
