@@ -272,7 +272,9 @@ fn parse_stat(stat: &str) -> Option<(char, i32, i32)> {
 
 /// The shim's `main`: `leaselock __supervise PARENT GRACE_MS -- PROGRAM [ARGS…]`.
 pub fn shim_main(args: &[OsString]) -> ExitCode {
-    let Some(args) = parse_shim_args(args) else {
+    // Only ever the leader of the group `leaselock run` made for it: the shim kills its own
+    // group, which must never be someone else's (a shell script's, when run by hand).
+    let Some(args) = parse_shim_args(args).filter(|_| getpgrp() == getpid()) else {
         shim_say("`__supervise` is internal to `leaselock run`");
         return ExitCode::from(crate::exit::USAGE);
     };
