@@ -24,10 +24,24 @@ fn is_busy_driver_error(error: &rusqlite::Error) -> bool {
 }
 
 /// Classifies a driver error: busy/locked is retryable, a missing table means storage is not
-/// initialized, open/permission failures mean storage is not accessible.
+/// initialized, a read-only file is a permanent error, open/permission failures mean storage is
+/// not accessible.
 pub(crate) fn convert(error: rusqlite::Error) -> Error {
     if is_busy_driver_error(&error) {
         return Error::transient(NAME, error);
+    }
+    if let rusqlite::Error::SqliteFailure(failure, _) = &error {
+        // The file (or its directory) is read-only for this user: no retry can fix that, so a
+        // waiting acquisition must fail at once instead of waiting for a "busy" database.
+        if matches!(
+            failure.extended_code,
+            rusqlite::ffi::SQLITE_READONLY | rusqlite::ffi::SQLITE_READONLY_DIRECTORY
+        ) {
+            return Error::permanent(
+                NAME,
+                format!("{error} (the database file or its directory is read-only for this user)"),
+            );
+        }
     }
     if let rusqlite::Error::SqliteFailure(failure, message) = &error {
         match failure.code {
@@ -87,5 +101,13 @@ mod tests {
             rusqlite::ffi::SQLITE_CONSTRAINT
         ))));
         assert!(!is_busy(&Error::transient(NAME, "busy, but not SQLite's")));
+    }
+
+    #[test]
+    fn a_read_only_file_is_not_worth_retrying() {
+        let err = convert(failure(rusqlite::ffi::SQLITE_READONLY));
+        assert!(!err.is_retryable(), "{err:?}");
+        assert!(err.to_string().contains("read-only for this user"), "{err}");
+        assert!(!convert(failure(rusqlite::ffi::SQLITE_READONLY_DIRECTORY)).is_retryable());
     }
 }
