@@ -316,6 +316,13 @@ fn a_read_only_database_file_is_read_and_never_written() {
 
     // Writing to a file the user may not write: the permission bits bind only for a user
     // other than root, so as root the commands run as `nobody` (through setpriv).
+    let set_mode = |path: &Path, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // The binary, where `nobody` may run it (the build directory may be in a home it may not
+    // enter).
+    let bin_dir = tempfile::tempdir().expect("tempdir");
     let as_user: Vec<String> = if fs::OpenOptions::new().write(true).open(&path).is_ok() {
         if Command::new("setpriv").arg("--version").output().is_err() {
             let message = "the write-refusal part of this test needs setpriv (util-linux) to \
@@ -324,20 +331,25 @@ fn a_read_only_database_file_is_read_and_never_written() {
             eprintln!("\n#####  NOT RUN: {message}.  #####\n");
             return;
         }
+        let bin = bin_dir.path().join("leaselock");
+        fs::copy(BIN, &bin).expect("copy the binary");
+        set_mode(bin_dir.path(), 0o755);
+        set_mode(&bin, 0o755);
+        let bin = bin.to_string_lossy().into_owned();
         [
             "setpriv",
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
+            &bin,
         ]
         .map(str::to_owned)
         .to_vec()
     } else {
-        Vec::new()
+        vec![BIN.to_owned()]
     };
     let run_as = |args: &[&str]| -> Done {
         let mut command = as_user.clone();
-        command.push(BIN.to_owned());
         command.extend(args.iter().map(|a| a.to_string()));
         let n = env.seq.fetch_add(1, Ordering::Relaxed);
         let (out, err) = (
@@ -356,10 +368,6 @@ fn a_read_only_database_file_is_read_and_never_written() {
             .expect("spawn");
         Proc { child, out, err }.wait()
     };
-    let set_mode = |path: &Path, mode: u32| {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
-    };
     // A directory the user may not write: SQLite cannot make the WAL index beside the file.
     // (The readers above left theirs, with nothing in the log: no connection is open now.)
     for side in ["locks.db-wal", "locks.db-shm"] {
@@ -373,7 +381,7 @@ fn a_read_only_database_file_is_read_and_never_written() {
             fs::remove_file(env.path(side)).unwrap();
         }
     }
-    set_mode(env.dir.path(), 0o755);
+    set_mode(env.dir.path(), 0o555);
     let done = run_as(&["status", "stale"]);
     done.fails_with(
         66,
