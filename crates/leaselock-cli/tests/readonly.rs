@@ -622,9 +622,9 @@ fn postgres_storage_is_never_created_by_a_look() {
         "postgres-table",
         true,
     );
-    let table = fresh("pg_adv");
+    let counters = fresh("pg_adv");
     server_storage(
-        &with_params(&base, &format!("strategy=advisory&table={table}")),
+        &with_params(&base, &format!("strategy=advisory&table={counters}")),
         "postgres-advisory",
         false,
     );
@@ -653,7 +653,10 @@ fn postgres_storage_is_never_created_by_a_look() {
             .expect("connect");
         tokio::spawn(conn);
         client
-            .batch_execute(&format!("DROP TABLE {wrong}; DROP VIEW {view};"))
+            .batch_execute(&format!(
+                "DROP TABLE {wrong}; DROP VIEW {view}; DROP TABLE IF EXISTS {table}; \
+                 DROP TABLE IF EXISTS {counters}; DROP TABLE IF EXISTS {counters}_holders;"
+            ))
             .await
             .expect("drop");
     });
@@ -670,9 +673,9 @@ fn mysql_storage_is_never_created_by_a_look() {
         "mysql-table",
         true,
     );
-    let table = fresh("my_getlock");
+    let counters = fresh("my_getlock");
     server_storage(
-        &with_params(&base, &format!("strategy=get_lock&table={table}")),
+        &with_params(&base, &format!("strategy=get_lock&table={counters}")),
         "mysql-get-lock",
         false,
     );
@@ -696,7 +699,10 @@ fn mysql_storage_is_never_created_by_a_look() {
         let env = Env::with_url(with_params(&base, &format!("strategy=table&table={t}")));
         init_refuses(&env, &[&format!("`{t}`"), "not usable after init"]);
     }
-    sql(format!("DROP TABLE {wrong}; DROP VIEW {view};"));
+    sql(format!(
+        "DROP TABLE {wrong}; DROP VIEW {view}; DROP TABLE IF EXISTS {table}; \
+         DROP TABLE IF EXISTS {counters}; DROP TABLE IF EXISTS {counters}_holders;"
+    ));
 }
 
 #[test]
@@ -704,11 +710,24 @@ fn mongodb_storage_is_never_created_by_a_look() {
     let Some(base) = leaselock_conformance::server_url("LEASELOCK_MONGODB_URL") else {
         return;
     };
+    let collection = fresh("mongo");
     server_storage(
-        &with_params(&base, &format!("collection={}", fresh("mongo"))),
+        &with_params(&base, &format!("collection={collection}")),
         "mongodb",
         true,
     );
+    block_on(async {
+        let client = mongodb::Client::with_uri_str(&base).await.expect("client");
+        let database = client
+            .default_database()
+            .unwrap_or_else(|| client.database("leaselock"));
+        database
+            .collection::<mongodb::bson::Document>(&collection)
+            .drop()
+            .await
+            .expect("drop the collection");
+        client.shutdown().await;
+    });
 }
 
 #[test]
