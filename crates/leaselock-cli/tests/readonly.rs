@@ -314,17 +314,90 @@ fn a_read_only_database_file_is_read_and_never_written() {
     assert_eq!(env.run(&["check"]).code, Some(0));
     assert_eq!(fs::read(&path).unwrap(), before, "a look changed the file");
 
-    // Writing to a file the user may not write: only when the permission bits bind (not for
-    // root, who may write anyway).
-    if fs::OpenOptions::new().write(true).open(&path).is_ok() {
-        eprintln!(
-            "\n#####  NOT RUN: the write-refusal part of this test, as root ignores the \
-             read-only permission; the read-only reads above did run.  #####\n"
+    // Writing to a file the user may not write: the permission bits bind only for a user
+    // other than root, so as root the commands run as `nobody` (through setpriv).
+    let set_mode = |path: &Path, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // The binary, where `nobody` may run it (the build directory may be in a home it may not
+    // enter).
+    let bin_dir = tempfile::tempdir().expect("tempdir");
+    let as_user: Vec<String> = if fs::OpenOptions::new().write(true).open(&path).is_ok() {
+        if Command::new("setpriv").arg("--version").output().is_err() {
+            let message = "the write-refusal part of this test needs setpriv (util-linux) to \
+                           run leaselock as another user than root";
+            assert!(!leaselock_conformance::is_ci(), "{message}");
+            eprintln!("\n#####  NOT RUN: {message}.  #####\n");
+            return;
+        }
+        let bin = bin_dir.path().join("leaselock");
+        fs::copy(BIN, &bin).expect("copy the binary");
+        set_mode(bin_dir.path(), 0o755);
+        set_mode(&bin, 0o755);
+        let bin = bin.to_string_lossy().into_owned();
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            &bin,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    } else {
+        vec![BIN.to_owned()]
+    };
+    let run_as = |args: &[&str]| -> Done {
+        let mut command = as_user.clone();
+        command.extend(args.iter().map(|a| a.to_string()));
+        let n = env.seq.fetch_add(1, Ordering::Relaxed);
+        let (out, err) = (
+            env.logs.path().join(format!("u{n}.out")),
+            env.logs.path().join(format!("u{n}.err")),
         );
-        return;
+        let child = Command::new(&command[0])
+            .args(&command[1..])
+            .current_dir(env.dir.path())
+            .env_remove("RUST_LOG")
+            .env("LEASELOCK_URL", &env.url)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out).unwrap())
+            .stderr(fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("spawn");
+        Proc { child, out, err }.wait()
+    };
+    // A directory the user may not write: SQLite cannot make the WAL index beside the file.
+    // (The readers above left theirs, with nothing in the log: no connection is open now.)
+    for side in ["locks.db-wal", "locks.db-shm"] {
+        if env.path(side).exists() {
+            assert_eq!(
+                fs::metadata(env.path("locks.db-wal"))
+                    .map(|m| m.len())
+                    .unwrap_or(0),
+                0
+            );
+            fs::remove_file(env.path(side)).unwrap();
+        }
     }
-    let done = env.run(&["release", "stale", "--force"]);
-    assert_eq!(done.code, Some(66), "{done:?}");
+    set_mode(env.dir.path(), 0o555);
+    let done = run_as(&["status", "stale"]);
+    done.fails_with(
+        66,
+        &["locks.db: cannot be read by this user"],
+        "read-only directory",
+    );
+    // A directory the user may write, the file read-only: reads work, writes fail clearly.
+    set_mode(env.dir.path(), 0o777);
+    let done = run_as(&["status", "stale"]);
+    assert_eq!(done.code, Some(1), "expired: {done:?}");
+    for args in [
+        &["release", "stale", "--force"][..],
+        &["run", "k", "--", "true"],
+    ] {
+        run_as(args).fails_with(66, &["readonly database"], &format!("{args:?}"));
+    }
     assert_eq!(
         fs::read(&path).unwrap(),
         before,
@@ -549,9 +622,9 @@ fn postgres_storage_is_never_created_by_a_look() {
         "postgres-table",
         true,
     );
-    let table = fresh("pg_adv");
+    let counters = fresh("pg_adv");
     server_storage(
-        &with_params(&base, &format!("strategy=advisory&table={table}")),
+        &with_params(&base, &format!("strategy=advisory&table={counters}")),
         "postgres-advisory",
         false,
     );
@@ -580,7 +653,10 @@ fn postgres_storage_is_never_created_by_a_look() {
             .expect("connect");
         tokio::spawn(conn);
         client
-            .batch_execute(&format!("DROP TABLE {wrong}; DROP VIEW {view};"))
+            .batch_execute(&format!(
+                "DROP TABLE {wrong}; DROP VIEW {view}; DROP TABLE IF EXISTS {table}; \
+                 DROP TABLE IF EXISTS {counters}; DROP TABLE IF EXISTS {counters}_holders;"
+            ))
             .await
             .expect("drop");
     });
@@ -597,9 +673,9 @@ fn mysql_storage_is_never_created_by_a_look() {
         "mysql-table",
         true,
     );
-    let table = fresh("my_getlock");
+    let counters = fresh("my_getlock");
     server_storage(
-        &with_params(&base, &format!("strategy=get_lock&table={table}")),
+        &with_params(&base, &format!("strategy=get_lock&table={counters}")),
         "mysql-get-lock",
         false,
     );
@@ -623,7 +699,10 @@ fn mysql_storage_is_never_created_by_a_look() {
         let env = Env::with_url(with_params(&base, &format!("strategy=table&table={t}")));
         init_refuses(&env, &[&format!("`{t}`"), "not usable after init"]);
     }
-    sql(format!("DROP TABLE {wrong}; DROP VIEW {view};"));
+    sql(format!(
+        "DROP TABLE {wrong}; DROP VIEW {view}; DROP TABLE IF EXISTS {table}; \
+         DROP TABLE IF EXISTS {counters}; DROP TABLE IF EXISTS {counters}_holders;"
+    ));
 }
 
 #[test]
@@ -631,11 +710,24 @@ fn mongodb_storage_is_never_created_by_a_look() {
     let Some(base) = leaselock_conformance::server_url("LEASELOCK_MONGODB_URL") else {
         return;
     };
+    let collection = fresh("mongo");
     server_storage(
-        &with_params(&base, &format!("collection={}", fresh("mongo"))),
+        &with_params(&base, &format!("collection={collection}")),
         "mongodb",
         true,
     );
+    block_on(async {
+        let client = mongodb::Client::with_uri_str(&base).await.expect("client");
+        let database = client
+            .default_database()
+            .unwrap_or_else(|| client.database("leaselock"));
+        database
+            .collection::<mongodb::bson::Document>(&collection)
+            .drop()
+            .await
+            .expect("drop the collection");
+        client.shutdown().await;
+    });
 }
 
 #[test]

@@ -41,8 +41,10 @@ pub(crate) fn micros(duration: Duration) -> u64 {
 /// there idle where a server or proxy timeout could close it unseen.
 const HOT_IDLE: Duration = Duration::from_secs(1);
 
-/// How long [`Shared::shutdown`] waits for the pool to disconnect.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`Shared::shutdown`] waits for the pool to disconnect: the pool waits for every
+/// connection still out of it, and a release watcher's stays out for its server-side `GET_LOCK`
+/// wait (`release_wait`, 1 s by default); a program that is about to exit must not wait longer.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What every backend instance owns: its own pool, and how to describe errors.
 pub(crate) struct Shared {

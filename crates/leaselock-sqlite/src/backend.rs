@@ -384,6 +384,25 @@ fn wrong_columns(table: &str, error: rusqlite::Error) -> Error {
 
 /// The first read of a file failed: say which file is not a usable database.
 fn not_a_database(path: &std::path::Path, error: rusqlite::Error) -> Error {
+    let extended = match &error {
+        rusqlite::Error::SqliteFailure(failure, _) => failure.extended_code,
+        _ => 0,
+    };
+    if matches!(
+        extended,
+        rusqlite::ffi::SQLITE_READONLY_DIRECTORY | rusqlite::ffi::SQLITE_READONLY_CANTINIT
+    ) {
+        return Error::NotAccessible {
+            backend: NAME,
+            what: format!(
+                "{}: cannot be read by this user: the database is in WAL mode, and SQLite needs \
+                 its -shm file beside it, which this user may not create in that directory \
+                 (give this user write access to the directory)",
+                path.display()
+            ),
+            source: Some(Box::new(error)),
+        };
+    }
     match convert(error) {
         Error::NotAccessible { what, source, .. } => Error::NotAccessible {
             backend: NAME,

@@ -59,8 +59,8 @@ impl SqliteConfig {
 
     /// Open the database file read-only (SQLite's `SQLITE_OPEN_READ_ONLY`), for tools that only
     /// look: the file is never created, its journal mode is left as it is, and nothing is ever
-    /// written: [`leaselock::LockBackend::init_storage`], acquisitions, releases and refreshes
-    /// fail with [`Error::NotAccessible`]; `status`, `list` and the storage check work.
+    /// written: acquisitions, releases and refreshes fail at once with an error that is not
+    /// retryable; `status`, `list` and the storage check work.
     /// Default: `false` (read-write).
     pub fn read_only(mut self, read_only: bool) -> Self {
         self.read_only = read_only;

@@ -30,6 +30,18 @@ pub(crate) fn convert(error: rusqlite::Error) -> Error {
     if is_busy_driver_error(&error) {
         return Error::transient(NAME, error);
     }
+    if let rusqlite::Error::SqliteFailure(failure, _) = &error {
+        // The file (or its directory) is read-only for this user: no retry can fix that, so a
+        // waiting acquisition must fail at once instead of waiting for a "busy" database.
+        if matches!(
+            failure.extended_code,
+            rusqlite::ffi::SQLITE_READONLY | rusqlite::ffi::SQLITE_READONLY_DIRECTORY
+        ) {
+            let what =
+                format!("{error} (the database file or its directory is read-only for this user)");
+            return Error::denied(NAME, what, Some(Box::new(error)));
+        }
+    }
     if let rusqlite::Error::SqliteFailure(failure, message) = &error {
         let what = || message.clone().unwrap_or_else(|| error.to_string());
         match failure.code {
@@ -106,6 +118,14 @@ mod tests {
             rusqlite::ffi::SQLITE_CONSTRAINT
         ))));
         assert!(!is_busy(&Error::transient(NAME, "busy, but not SQLite's")));
+    }
+
+    #[test]
+    fn a_read_only_file_is_not_worth_retrying() {
+        let err = convert(failure(rusqlite::ffi::SQLITE_READONLY));
+        assert!(!err.is_retryable(), "{err:?}");
+        assert!(err.to_string().contains("read-only for this user"), "{err}");
+        assert!(!convert(failure(rusqlite::ffi::SQLITE_READONLY_DIRECTORY)).is_retryable());
     }
 
     #[test]

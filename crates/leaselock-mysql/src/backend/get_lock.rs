@@ -1068,7 +1068,7 @@ impl LockBackend for MysqlGetLockBackend {
         }))
     }
 
-    /// Disconnects this instance's pool, waiting at most 5 s for connections still out of it
+    /// Disconnects this instance's pool, waiting at most 1 s for connections still out of it
     /// (a held lock's, a waiter's) to come back.
     async fn shutdown(&self) {
         self.shared().shutdown().await

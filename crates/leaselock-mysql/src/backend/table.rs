@@ -475,7 +475,7 @@ impl LockBackend for MysqlTableBackend {
     fn watch_lost(&self, _lease: &Lease) -> Option<Wakeup> {
         None
     }
-    /// Disconnects this instance's pool (within 5 s).
+    /// Disconnects this instance's pool (within 1 s).
     async fn shutdown(&self) {
         self.shared().shutdown().await
     }
