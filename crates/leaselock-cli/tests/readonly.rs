@@ -396,7 +396,8 @@ fn a_read_only_database_file_is_read_and_never_written() {
         &["release", "stale", "--force"][..],
         &["run", "k", "--", "true"],
     ] {
-        run_as(args).fails_with(66, &["readonly database"], &format!("{args:?}"));
+        // Refused permission: 77, which no wait retries.
+        run_as(args).fails_with(77, &["readonly database"], &format!("{args:?}"));
     }
     assert_eq!(
         fs::read(&path).unwrap(),
