@@ -270,7 +270,7 @@ fn a_directory_or_a_foreign_file_is_refused_and_left_alone() {
     .unwrap();
     for (env, needle) in [
         (&env, "locks.db is a directory"),
-        (&foreign, "file is not a database"),
+        (&foreign, "notes.txt: file is not a database"),
     ] {
         let before = snapshot(env.dir.path());
         let mut commands: Vec<&[&str]> = LOOKERS.to_vec();
@@ -384,7 +384,7 @@ fn a_read_only_database_file_is_read_and_never_written() {
     set_mode(env.dir.path(), 0o555);
     let done = run_as(&["status", "stale"]);
     done.fails_with(
-        66,
+        77,
         &["locks.db: cannot be read by this user"],
         "read-only directory",
     );

@@ -392,23 +392,32 @@ fn not_a_database(path: &std::path::Path, error: rusqlite::Error) -> Error {
         extended,
         rusqlite::ffi::SQLITE_READONLY_DIRECTORY | rusqlite::ffi::SQLITE_READONLY_CANTINIT
     ) {
-        return Error::NotAccessible {
-            backend: NAME,
-            what: format!(
-                "{}: cannot be read by this user: the database is in WAL mode, and SQLite needs \
-                 its -shm file beside it, which this user may not create in that directory \
-                 (give this user write access to the directory)",
-                path.display()
-            ),
-            source: Some(Box::new(error)),
-        };
+        // A permission this user lacks: waiting does not grant it.
+        let what = format!(
+            "{}: cannot be read by this user: the database is in WAL mode, and SQLite needs its \
+             -shm file beside it, which this user may not create in that directory (give this \
+             user write access to the directory)",
+            path.display()
+        );
+        return Error::denied(NAME, what, Some(Box::new(error)));
     }
+    let not_a_database = matches!(
+        &error,
+        rusqlite::Error::SqliteFailure(failure, _) if failure.code == rusqlite::ErrorCode::NotADatabase
+    );
     match convert(error) {
         Error::NotAccessible { what, source, .. } => Error::NotAccessible {
             backend: NAME,
             what: format!("{}: {what}", path.display()),
             source,
         },
+        Error::Denied { what, source, .. } => {
+            Error::denied(NAME, format!("{}: {what}", path.display()), source)
+        }
+        // Permanent: a file that is not a database stays one.
+        _ if not_a_database => {
+            Error::permanent(NAME, format!("{}: file is not a database", path.display()))
+        }
         other => other,
     }
 }
