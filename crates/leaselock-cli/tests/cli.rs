@@ -6,16 +6,16 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_leaselock");
-/// Only a bound against hangs; nothing should come close.
-const TIMEOUT: Duration = Duration::from_secs(180);
+mod common;
+use common::{with_params, Done, Proc, BIN, TIMEOUT};
+
 /// A password that must never appear in any output.
 const SECRET: &str = "Sup3rSecretPw";
 
@@ -28,63 +28,6 @@ struct Env {
     /// a pipe open would block reading it).
     logs: tempfile::TempDir,
     seq: AtomicUsize,
-}
-
-/// A finished process.
-#[derive(Debug)]
-struct Done {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Done {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.stdout))
-    }
-}
-
-/// A running process.
-struct Proc {
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn wait(mut self) -> Done {
-        let deadline = Instant::now() + TIMEOUT;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "leaselock did not finish within {TIMEOUT:?}; stderr: {}",
-                    fs::read_to_string(&self.err).unwrap_or_default()
-                );
-            }
-            sleep(Duration::from_millis(20));
-        };
-        Done {
-            code: status.code(),
-            stdout: fs::read_to_string(&self.out).unwrap_or_default(),
-            stderr: fs::read_to_string(&self.err).unwrap_or_default(),
-        }
-    }
-
-    /// SIGKILL, as a crash would.
-    fn kill_hard(mut self) {
-        self.child.kill().expect("kill -9 leaselock");
-        self.child.wait().expect("reap leaselock");
-    }
 }
 
 impl Env {
@@ -707,11 +650,6 @@ fn fresh_key(name: &str) -> String {
         .unwrap()
         .as_nanos();
     format!("cli-{name}-{}-{nanos}", std::process::id())
-}
-
-fn with_params(url: &str, params: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{params}")
 }
 
 /// Both PostgreSQL strategies through the command.

@@ -8,31 +8,17 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_leaselock");
-/// Only a bound against hangs; nothing should come close.
-const TIMEOUT: Duration = Duration::from_secs(180);
-
-/// A finished process.
-#[derive(Debug)]
-struct Done {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
+mod common;
+use common::{with_params, Done, Proc, BIN, TIMEOUT};
 
 impl Done {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.stdout))
-    }
-
     /// Exit `code` with exactly one line on stderr, leaselock's own, containing every one of
     /// `needles`.
     fn fails_with(&self, code: i32, needles: &[&str], what: &str) {
@@ -46,44 +32,6 @@ impl Done {
                 "{what}: no {needle:?} in {stderr:?}"
             );
         }
-    }
-}
-
-/// A running process.
-struct Proc {
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Proc {
-    fn wait(mut self) -> Done {
-        let deadline = Instant::now() + TIMEOUT;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "leaselock did not finish within {TIMEOUT:?}; stderr: {}",
-                    fs::read_to_string(&self.err).unwrap_or_default()
-                );
-            }
-            sleep(Duration::from_millis(20));
-        };
-        Done {
-            code: status.code(),
-            stdout: fs::read_to_string(&self.out).unwrap_or_default(),
-            stderr: fs::read_to_string(&self.err).unwrap_or_default(),
-        }
-    }
-
-    /// SIGKILL, as a crash would.
-    fn kill_hard(mut self) {
-        self.child.kill().expect("kill -9 leaselock");
-        self.child.wait().expect("reap leaselock");
     }
 }
 
@@ -221,12 +169,6 @@ fn fresh(name: &str) -> String {
     format!("ro_{name}_{}_{}", std::process::id(), nanos % 1_000_000_000)
 }
 
-fn with_params(url: &str, params: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{params}")
-}
-
-/// The read-only commands, and `release --force` (which must not create storage either).
 const LOOKERS: &[&[&str]] = &[
     &["status", "k"],
     &["status", "k", "--json"],

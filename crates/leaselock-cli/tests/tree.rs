@@ -10,12 +10,12 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_leaselock");
-const TIMEOUT: Duration = Duration::from_secs(120);
+mod common;
+use common::{with_params, Done, Proc, BIN, TIMEOUT};
 
 /// The exit code of `run` when it does not get the lock.
 const NOT_ACQUIRED: i32 = 124;
@@ -23,69 +23,6 @@ const NOT_ACQUIRED: i32 = 124;
 struct Env {
     dir: tempfile::TempDir,
     url: String,
-}
-
-struct Done {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Debug for Done {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "code {:?}\nstdout: {}\nstderr: {}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-struct Proc {
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Proc {
-    fn pid(&self) -> i32 {
-        i32::try_from(self.child.id()).unwrap()
-    }
-
-    fn wait(mut self) -> Done {
-        let deadline = Instant::now() + TIMEOUT;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "leaselock did not finish; stderr: {}",
-                    fs::read_to_string(&self.err).unwrap_or_default()
-                );
-            }
-            sleep(Duration::from_millis(10));
-        };
-        Done {
-            code: status.code().or_else(|| {
-                use std::os::unix::process::ExitStatusExt;
-                status.signal().map(|s| 128 + s)
-            }),
-            stdout: fs::read_to_string(&self.out).unwrap_or_default(),
-            stderr: fs::read_to_string(&self.err).unwrap_or_default(),
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig}");
-    }
 }
 
 impl Env {
@@ -108,25 +45,21 @@ impl Env {
 
     fn spawn_env(&self, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let n = fastrand::u64(..);
-        let out = self.path(&format!("{n}.out"));
-        let err = self.path(&format!("{n}.err"));
         let mut cmd = Command::new(BIN);
         cmd.args(args)
             .current_dir(self.dir.path())
             .env_remove("RUST_LOG")
             .env_remove("LEASELOCK_URL_FILE")
             .env("LEASELOCK_URL", &self.url)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&out).unwrap())
-            .stderr(fs::File::create(&err).unwrap());
+            .stdin(Stdio::null());
         for (name, value) in env {
             cmd.env(name, value);
         }
-        Proc {
-            child: cmd.spawn().unwrap(),
-            out,
-            err,
-        }
+        Proc::start(
+            cmd,
+            self.path(&format!("{n}.out")),
+            self.path(&format!("{n}.err")),
+        )
     }
 
     fn spawn(&self, args: &[&str]) -> Proc {
@@ -215,7 +148,7 @@ fn sigkill_leaves_no_orphan(env: &Env, label: &str, ttl: &str) {
     let killed_at = Instant::now();
     first.signal("KILL");
     let first = first.wait();
-    assert_eq!(first.code, Some(137), "{label}: {first:?}");
+    assert_eq!(first.signal, Some(9), "{label}: {first:?}");
     assert_gone_within(&tree, Duration::from_secs(1), label);
     let took = killed_at.elapsed();
 
@@ -238,11 +171,6 @@ fn sigkill_of_leaselock_kills_the_tree_sqlite() {
     let env = Env::sqlite();
     // A lease table: the second runner gets the lock one TTL later; the tree is gone long before.
     sigkill_leaves_no_orphan(&env, "sqlite", "2s");
-}
-
-fn with_params(url: &str, params: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{params}")
 }
 
 fn server_strategies(var: &str, strategies: &[&str]) {
