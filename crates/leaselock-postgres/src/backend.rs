@@ -257,8 +257,8 @@ async fn drive<S, T>(
     closed.send_replace(true);
 }
 
-/// What both backends share: the control connection (lazily opened, reopened when it breaks),
-/// the LISTEN connection, timeouts.
+/// What both backends share: the statement connections (opened as concurrent operations need
+/// them, reopened when they break), the LISTEN, timeouts.
 pub(crate) struct Shared {
     pub(crate) backend: &'static str,
     pub(crate) connector: Connector,
@@ -267,19 +267,47 @@ pub(crate) struct Shared {
     pub(crate) channel: String,
     schema: Option<String>,
     target: String,
-    /// The statement connections, each opened on first use; operations take turns.
-    control: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
-    next: AtomicUsize,
-    listener: tokio::sync::Mutex<Option<Listener>>,
+    /// The statement connections: at most [`PgConfig::connections`], a new one opened only when
+    /// every open one has a statement in flight, so a caller that runs one statement at a time
+    /// (the CLI) keeps one connection, and a busy server process spreads its load.
+    control: Vec<Slot>,
+    /// Where every statement connection forwards the notifications of [`Shared::channel`].
+    events: broadcast::Sender<Arc<str>>,
+    /// The statement connection that runs `LISTEN`, once a release is watched: no connection
+    /// of its own.
+    listener: tokio::sync::Mutex<Option<Arc<Conn>>>,
     /// How many live release watches this backend has per key. An acquisition that finds its
     /// key held marks the key wanted only when somebody here waits for it, so that a release
     /// sends `pg_notify` only when a waiter can hear it.
     watched: Arc<Mutex<HashMap<Arc<str>, usize>>>,
 }
 
-struct Listener {
-    conn: Conn,
-    events: broadcast::Sender<Arc<str>>,
+/// One statement connection (opened on first use) and how many operations use it now.
+struct Slot {
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    busy: AtomicUsize,
+}
+
+/// A statement connection in use; it counts as busy until this is dropped.
+pub(crate) struct InUse<'a> {
+    conn: Arc<Conn>,
+    _busy: Busy<'a>,
+}
+
+/// One count of a slot's users, given back when dropped (also when the operation is cancelled).
+struct Busy<'a>(&'a AtomicUsize);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::ops::Deref for InUse<'_> {
+    type Target = Arc<Conn>;
+    fn deref(&self) -> &Arc<Conn> {
+        &self.conn
+    }
 }
 
 /// A typed statement parameter.
@@ -301,9 +329,12 @@ impl Shared {
             schema: config.schema_name().map(str::to_owned),
             target: config.target(),
             control: (0..config.connections)
-                .map(|_| tokio::sync::Mutex::new(None))
+                .map(|_| Slot {
+                    conn: tokio::sync::Mutex::new(None),
+                    busy: AtomicUsize::new(0),
+                })
                 .collect(),
-            next: AtomicUsize::new(0),
+            events: broadcast::channel(1024).0,
             listener: tokio::sync::Mutex::new(None),
             watched: Arc::default(),
         })
@@ -319,28 +350,72 @@ impl Shared {
         &self.target
     }
 
-    /// A statement connection (the next in turn), opened on first use and reopened when it
-    /// broke.
-    pub(crate) async fn control(&self) -> Result<Arc<Conn>> {
-        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.control.len();
-        let mut control = self.control[slot].lock().await;
+    /// A statement connection: an open one nobody uses, else a new one while fewer than
+    /// [`PgConfig::connections`] are open, else the least used (statements pipeline). Reopened
+    /// when it broke.
+    pub(crate) async fn control(&self) -> Result<InUse<'_>> {
+        let slot = &self.control[self.pick()];
+        let busy = Busy(&slot.busy);
+        let mut control = slot.conn.lock().await;
         if let Some(conn) = control.as_ref() {
             if !conn.is_closed() {
-                return Ok(Arc::clone(conn));
+                return Ok(InUse {
+                    conn: Arc::clone(conn),
+                    _busy: busy,
+                });
             }
         }
-        let conn = Arc::new(self.connector.connect(self.backend, None).await?);
+        let conn = Arc::new(
+            self.connector
+                .connect(
+                    self.backend,
+                    Some((self.channel.clone(), self.events.clone())),
+                )
+                .await?,
+        );
         *control = Some(Arc::clone(&conn));
-        Ok(conn)
+        Ok(InUse { conn, _busy: busy })
+    }
+
+    /// The slot the next operation uses, counted busy.
+    fn pick(&self) -> usize {
+        let mut unopened = None;
+        let mut least = (usize::MAX, 0);
+        let mut chosen = None;
+        for (i, slot) in self.control.iter().enumerate() {
+            let busy = slot.busy.load(Ordering::Relaxed);
+            // A slot whose lock is taken is being opened (or checked): it counts as used.
+            if let Ok(conn) = slot.conn.try_lock() {
+                if conn.as_ref().is_none_or(|c| c.is_closed()) {
+                    unopened.get_or_insert(i);
+                    continue;
+                }
+                if busy == 0 {
+                    chosen = Some(i);
+                    break;
+                }
+            }
+            if busy < least.0 {
+                least = (busy, i);
+            }
+        }
+        let i = chosen.or(unopened).unwrap_or(least.1);
+        self.control[i].busy.fetch_add(1, Ordering::Relaxed);
+        i
     }
 
     /// Forgets `conn` (it stopped answering): the next operation in its slot opens a new one.
     async fn forget(&self, conn: &Arc<Conn>) {
         for slot in &self.control {
-            let mut control = slot.lock().await;
+            let mut control = slot.conn.lock().await;
             if control.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
                 *control = None;
             }
+        }
+        let mut listener = self.listener.lock().await;
+        if listener.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            // Its watchers are told through `closed` once the last user drops it.
+            *listener = None;
         }
     }
 
@@ -469,26 +544,37 @@ impl Shared {
         }
     }
 
-    /// Subscribes to release notifications for `key`; LISTEN is in place when this returns.
+    /// Subscribes to release notifications for `key`; LISTEN is in place when this returns. The
+    /// LISTEN runs on a statement connection (notifications arrive between its statements), so
+    /// watching costs no connection of its own.
     pub(crate) async fn watch_release(&self, key: &LockKey) -> Result<Option<Wakeup>> {
         let mut listener = self.listener.lock().await;
-        let reuse = listener.as_ref().filter(|l| !l.conn.is_closed());
+        let reuse = listener.as_ref().filter(|c| !c.is_closed());
         let (events, closed) = match reuse {
-            Some(l) => (l.events.subscribe(), l.conn.closed()),
+            Some(conn) => (self.events.subscribe(), conn.closed()),
             None => {
-                let (tx, _) = broadcast::channel(1024);
-                let conn = self
-                    .connector
-                    .connect(self.backend, Some((self.channel.clone(), tx.clone())))
-                    .await?;
+                let conn = self.control().await?;
+                // Subscribed before LISTEN, so that nothing between them is missed.
+                let events = self.events.subscribe();
                 let listen = format!("LISTEN \"{}\"", self.channel);
-                tokio::time::timeout(self.operation_timeout, conn.client.batch_execute(&listen))
-                    .await
-                    .map_err(|_| error::timeout(self.backend, "LISTEN"))?
-                    .map_err(|e| error::driver(self.backend, "LISTEN", e))?;
-                let events = tx.subscribe();
+                let outcome = tokio::time::timeout(
+                    self.operation_timeout,
+                    conn.client.batch_execute(&listen),
+                )
+                .await;
+                match outcome {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(error::driver(self.backend, "LISTEN", e)),
+                    Err(_) => {
+                        let stuck = Arc::clone(&conn);
+                        drop(conn);
+                        drop(listener);
+                        self.forget(&stuck).await;
+                        return Err(error::timeout(self.backend, "LISTEN"));
+                    }
+                }
                 let closed = conn.closed();
-                *listener = Some(Listener { conn, events: tx });
+                *listener = Some(Arc::clone(&conn));
                 (events, closed)
             }
         };
