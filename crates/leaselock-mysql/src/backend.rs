@@ -50,7 +50,7 @@ pub(crate) struct Shared {
     pub(crate) ctx: ErrorContext,
     pub(crate) checked: Checked,
     /// The connection the last lease operation used and gave back, and when.
-    hot: std::sync::Mutex<Option<(Conn, std::time::Instant)>>,
+    pub(crate) hot: std::sync::Mutex<Option<(Conn, std::time::Instant)>>,
 }
 
 /// A connection for one lease operation (see [`Shared::hot_conn`]). Dereferences to the
@@ -159,6 +159,28 @@ impl Drop for HotConn<'_> {
     }
 }
 
+/// The pool options: the application's, without resetting connections on return, and keeping
+/// at most [`IDLE_CONNECTIONS`] idle connections unless the application chose its own
+/// constraints (mysql_async's default keeps 10 open per pool, for ever: with one pool per
+/// process, a few dozen processes waiting for a lock would fill a server's `max_connections`).
+fn pool_opts(opts: &mysql_async::PoolOpts) -> mysql_async::PoolOpts {
+    let mut opts = opts.clone().with_reset_connection(false);
+    let defaults = mysql_async::PoolConstraints::default();
+    let constraints = opts.constraints();
+    if constraints.min() == defaults.min() && constraints.max() == defaults.max() {
+        if let Some(constraints) =
+            mysql_async::PoolConstraints::new(IDLE_CONNECTIONS, defaults.max())
+        {
+            opts = opts.with_constraints(constraints);
+        }
+    }
+    opts
+}
+
+/// How many idle connections a pool keeps when the application set no `pool_min`/`pool_max`.
+/// More are opened while operations run concurrently, and closed when they come back.
+pub(crate) const IDLE_CONNECTIONS: usize = 1;
+
 impl Shared {
     pub(crate) fn new(backend: &'static str, checked: Checked) -> Self {
         #[cfg(feature = "tls")]
@@ -179,13 +201,8 @@ impl Shared {
             // that would cost a round trip and drop the prepared statements, which then cost
             // another. An application's own `reset_connection` choice has no say here.
             pool: Pool::new(
-                mysql_async::OptsBuilder::from_opts(checked.opts.clone()).pool_opts(
-                    checked
-                        .opts
-                        .pool_opts()
-                        .clone()
-                        .with_reset_connection(false),
-                ),
+                mysql_async::OptsBuilder::from_opts(checked.opts.clone())
+                    .pool_opts(pool_opts(checked.opts.pool_opts())),
             ),
             ctx,
             checked,

@@ -36,6 +36,17 @@
 //! meanwhile (killed, or the server restarted) is replaced from the pool, as the pool's own
 //! check would have.
 //!
+//! The pool keeps at most one idle connection unless the application sets `pool_min`/`pool_max`
+//! (mysql_async's own default keeps 10 per pool for ever, which a few dozen waiting processes
+//! multiply into a full server): it opens more while operations run concurrently, and closes them
+//! as they come back. A `GET_LOCK` waiter waits for the release on the connection its refused
+//! attempt used, and all the waiters of one key in a backend share one waiting connection. So a
+//! process that holds one lock or waits for one keeps **1 connection with the table backend** and
+//! **2 with `GET_LOCK`** (the lock's own, or the waiting one, plus the one operations use). The
+//! `leaselock` CLI measured with one holder and three waiters on one key: `GET_LOCK` 7
+//! connections (was 16), table 5 (was 4). A server process that runs many lock operations at
+//! once should raise `pool_min` to keep its connections.
+//!
 //! # MySQL 8 and MariaDB
 //!
 //! Tested against MariaDB 10.11; written for MySQL 8 too. The differences that matter here:
