@@ -281,7 +281,11 @@ impl LockBackend for MysqlTableBackend {
             .map_err(|e| shared.check_error(e))?;
         conn.query_drop(&self.inner.sql.check)
             .await
-            .map_err(|e| shared.check_error(e))
+            .map_err(|e| shared.check_error(e))?;
+        // Kept for the first attempt, which follows: the pool takes a returned connection in
+        // through a task, and an attempt that came first would open a second connection.
+        shared.give_back(conn);
+        Ok(())
     }
 
     async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
