@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -280,7 +280,15 @@ pub(crate) struct Shared {
     /// key held marks the key wanted only when somebody here waits for it, so that a release
     /// sends `pg_notify` only when a waiter can hear it.
     watched: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    /// Set when the last release watch found the server crowded (see [`Shared::watch_release`]):
+    /// waiting, this backend keeps no connection between attempts.
+    frugal: AtomicBool,
 }
+
+/// The server's client connections and their limit, for [`Shared::watch_release`].
+const CROWD_SQL: &str = "SELECT (SELECT count(*) FROM pg_stat_activity \
+                                 WHERE backend_type = 'client backend') AS used, \
+                                current_setting('max_connections')::int8 AS max";
 
 /// One statement connection (opened on first use) and how many operations use it now.
 struct Slot {
@@ -337,6 +345,7 @@ impl Shared {
             events: broadcast::channel(1024).0,
             listener: tokio::sync::Mutex::new(None),
             watched: Arc::default(),
+            frugal: AtomicBool::new(false),
         })
     }
 
@@ -547,7 +556,32 @@ impl Shared {
     /// Subscribes to release notifications for `key`; LISTEN is in place when this returns. The
     /// LISTEN runs on a statement connection (notifications arrive between its statements), so
     /// watching costs no connection of its own.
+    ///
+    /// Unless it listens already, it first counts the server's client connections: when a third
+    /// of `max_connections` or more are in use, it does not listen (the caller polls) and the
+    /// backend turns frugal: after each attempt it closes the connections it does not need
+    /// ([`Shared::shed`]), so that a crowd of waiting processes does not fill the server.
     pub(crate) async fn watch_release(&self, key: &LockKey) -> Result<Option<Wakeup>> {
+        let listening = self
+            .listener
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|c| !c.is_closed());
+        if !listening {
+            let row = self
+                .query_one("counting the server's connections", CROWD_SQL, &[])
+                .await?;
+            let used: i64 = row.try_get("used").map_err(|e| self.unexpected(e))?;
+            let max: i64 = row.try_get("max").map_err(|e| self.unexpected(e))?;
+            let crowded = used * 3 >= max;
+            self.frugal.store(crowded, Ordering::Relaxed);
+            if crowded {
+                tracing::debug!(used, max, "server crowded; waiting without connections");
+                self.shed();
+                return Ok(None);
+            }
+        }
         let mut listener = self.listener.lock().await;
         let reuse = listener.as_ref().filter(|c| !c.is_closed());
         let (events, closed) = match reuse {
@@ -584,6 +618,30 @@ impl Shared {
             wait_for_key(events, closed, &watch.key).await;
             drop(watch);
         })))
+    }
+
+    /// Whether the last release watch found the server crowded: then a waiter keeps no
+    /// connection between its attempts.
+    pub(crate) fn frugal(&self) -> bool {
+        self.frugal.load(Ordering::Relaxed)
+    }
+
+    /// When [`Shared::frugal`], closes the statement connections no operation uses now.
+    pub(crate) fn shed(&self) {
+        if !self.frugal() {
+            return;
+        }
+        for slot in &self.control {
+            if slot.busy.load(Ordering::Relaxed) == 0 {
+                if let Ok(mut conn) = slot.conn.try_lock() {
+                    *conn = None;
+                }
+            }
+        }
+    }
+
+    fn unexpected(&self, e: tokio_postgres::Error) -> Error {
+        Error::permanent(self.backend, format!("unexpected column type: {e}"))
     }
 
     /// Whether a release watch of this backend (a waiter of this process) is live for `key`.
