@@ -803,8 +803,9 @@ impl LockBackend for MysqlGetLockBackend {
                 conn.reset_connection(false);
                 let probe = self.probe(&mut conn, key).await?;
                 // It answered and holds nothing: keep it for the next attempt, as a clean
-                // release does (the pool would take it in through its recycler task).
-                shared.give_back(conn);
+                // release does (the pool would take it in through its recycler task); on a
+                // crowded server close it.
+                shared.give_back_or_close(conn).await;
                 let holder = match probe.consistent() {
                     true => self.holder(key, probe)?,
                     false => None,
@@ -1048,6 +1049,11 @@ impl LockBackend for MysqlGetLockBackend {
     }
 
     async fn watch_release(&self, key: &LockKey) -> Result<Option<Wakeup>> {
+        if self.shared().check_crowd().await? {
+            // A crowded server: no waiting connection; the caller polls, and keeps no
+            // connection between its attempts.
+            return Ok(None);
+        }
         let inner = Arc::clone(&self.inner);
         let name = self.lock_name(key);
         let wait = self.shared().checked.release_wait.as_secs();

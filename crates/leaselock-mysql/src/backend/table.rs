@@ -305,7 +305,8 @@ impl LockBackend for MysqlTableBackend {
                 let row: Option<HolderRow> = shared
                     .first(&mut conn, &self.inner.sql.status, (key,))
                     .await?;
-                conn.keep();
+                // Waiting on a crowded server: keep no connection until the next attempt.
+                conn.keep_or_close().await;
                 let holder = match self.state(request.key(), row)? {
                     LockState::Held(info) => Some(info),
                     // Released or expired since our attempt: the caller simply tries again.
@@ -472,7 +473,9 @@ impl LockBackend for MysqlTableBackend {
     }
 
     async fn watch_release(&self, _key: &LockKey) -> Result<Option<Wakeup>> {
-        // A lease row has no session to wait on: waiters poll at their retry interval.
+        // A lease row has no session to wait on: waiters poll at their retry interval. On a
+        // crowded server they keep no connection between attempts.
+        self.shared().check_crowd().await?;
         Ok(None)
     }
 
