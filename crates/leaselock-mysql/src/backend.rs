@@ -4,6 +4,7 @@ mod get_lock;
 mod table;
 
 use std::ops::DerefMut;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use leaselock::{Error, LockKey, OwnerId, Result};
@@ -53,7 +54,7 @@ pub(crate) struct Shared {
     pub(crate) hot: std::sync::Mutex<Option<(Conn, std::time::Instant)>>,
     /// Set when the last count found the server crowded (see [`Shared::check_crowd`]): waiting,
     /// this backend keeps no connection between attempts.
-    frugal: std::sync::atomic::AtomicBool,
+    pub(crate) frugal: Arc<std::sync::atomic::AtomicBool>,
     /// When the server's connections were last counted.
     crowd_checked: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -227,7 +228,7 @@ impl Shared {
             ctx,
             checked,
             hot: std::sync::Mutex::new(None),
-            frugal: std::sync::atomic::AtomicBool::new(false),
+            frugal: Arc::default(),
             crowd_checked: std::sync::Mutex::new(None),
         }
     }

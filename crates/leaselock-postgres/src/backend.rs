@@ -283,7 +283,12 @@ pub(crate) struct Shared {
     /// Set when the last release watch found the server crowded (see [`Shared::watch_release`]):
     /// waiting, this backend keeps no connection between attempts.
     frugal: AtomicBool,
+    /// When the server's connections were last counted.
+    crowd_checked: Mutex<Option<std::time::Instant>>,
 }
+
+/// How often a waiter counts the server's connections, at most.
+const CROWD_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The server's client connections and their limit, for [`Shared::watch_release`].
 const CROWD_SQL: &str = "SELECT (SELECT count(*) FROM pg_stat_activity \
@@ -346,6 +351,7 @@ impl Shared {
             listener: tokio::sync::Mutex::new(None),
             watched: Arc::default(),
             frugal: AtomicBool::new(false),
+            crowd_checked: Mutex::new(None),
         })
     }
 
@@ -557,30 +563,38 @@ impl Shared {
     /// LISTEN runs on a statement connection (notifications arrive between its statements), so
     /// watching costs no connection of its own.
     ///
-    /// Unless it listens already, it first counts the server's client connections: when a third
-    /// of `max_connections` or more are in use, it does not listen (the caller polls) and the
-    /// backend turns frugal: after each attempt it closes the connections it does not need
-    /// ([`Shared::shed`]), so that a crowd of waiting processes does not fill the server.
+    ///
+    /// It first counts the server's client connections (at most once every
+    /// [`CROWD_CHECK_EVERY`]): when a third of `max_connections` or more are in use, it does not
+    /// listen (the caller polls), stops a LISTEN in place, and the backend turns frugal: after
+    /// each attempt it closes the connections it does not need ([`Shared::shed`]), so that a
+    /// crowd of waiting processes leaves the server room. A later count below that ends it.
     pub(crate) async fn watch_release(&self, key: &LockKey) -> Result<Option<Wakeup>> {
-        let listening = self
-            .listener
-            .lock()
-            .await
-            .as_ref()
-            .is_some_and(|c| !c.is_closed());
-        if !listening {
+        let due = {
+            let mut checked = lock(&self.crowd_checked);
+            let due = checked.is_none_or(|at| at.elapsed() >= CROWD_CHECK_EVERY);
+            if due {
+                *checked = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if due {
             let row = self
                 .query_one("counting the server's connections", CROWD_SQL, &[])
                 .await?;
             let used: i64 = row.try_get("used").map_err(|e| self.unexpected(e))?;
             let max: i64 = row.try_get("max").map_err(|e| self.unexpected(e))?;
             let crowded = used * 3 >= max;
-            self.frugal.store(crowded, Ordering::Relaxed);
-            if crowded {
-                tracing::debug!(used, max, "server crowded; waiting without connections");
-                self.shed();
-                return Ok(None);
+            if crowded != self.frugal() {
+                tracing::debug!(used, max, crowded, "server connections counted");
             }
+            self.frugal.store(crowded, Ordering::Relaxed);
+        }
+        if self.frugal() {
+            // Its connection closes once no statement uses it; its watchers then wake.
+            self.listener.lock().await.take();
+            self.shed();
+            return Ok(None);
         }
         let mut listener = self.listener.lock().await;
         let reuse = listener.as_ref().filter(|c| !c.is_closed());

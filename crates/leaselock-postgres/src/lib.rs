@@ -50,16 +50,19 @@
 //! measured with one holder and three waiters on one key: table 4 connections (was 20), advisory
 //! 8 (was 20).
 //!
-//! **A crowded server.** Before it starts listening, a waiter counts the server's client
-//! connections (`pg_stat_activity`). When a third of `max_connections` or more are in use, it
-//! does not listen: it polls (at the wait policy's interval), and between attempts it keeps no
-//! connection at all; an advisory holder then keeps only its lock's session. It listens again
-//! once a later count finds the server below that. So a crowd of waiting processes costs the
-//! server a connection per attempt in flight, not two per process: 100 `leaselock run --wait`
-//! processes started at once against a server with `max_connections = 100` all finished, with
-//! at most 46 connections open (advisory) and 40 (table), where before 17 of them failed with
-//! "too many clients" after waiting 120 s. The price is an attempt per poll interval, each with a
-//! new connection, and a release reaching the crowd at its next poll instead of at once.
+//! **A crowded server.** A waiter counts the server's client connections (`pg_stat_activity`,
+//! at most once a second). When a third of `max_connections` or more are in use, it does not
+//! listen (it stops a LISTEN in place): it polls, at the wait policy's interval, and between
+//! attempts it keeps no connection at all; an advisory holder then keeps only its lock's
+//! session. It listens again once a later count finds the server below that. The count is a
+//! heuristic (processes that count at the same moment all see the same figure), but a crowd of
+//! waiting processes then costs the server about a connection per attempt in flight rather than
+//! two per process: 100 `leaselock run --wait` processes started at once against a server with
+//! `max_connections = 100` all finished, the work once, with at most 47 connections open
+//! (advisory) and 26 (table), 56 and 52 when the work took 3 s; before, the advisory herd
+//! filled the server and 17 of its processes failed with "too many clients" after waiting
+//! 120 s. The price: an attempt per poll interval, each on a new connection, and a release
+//! reaching the crowd at its next poll instead of at once.
 //!
 //! # Durability
 //!

@@ -1078,6 +1078,7 @@ impl LockBackend for MysqlGetLockBackend {
                             .map(|(conn, _)| conn);
                         let watch = ReleaseWatch {
                             pool: inner.shared.pool.clone(),
+                            frugal: Arc::clone(&inner.shared.frugal),
                             waiting: Arc::clone(&inner.waiting),
                             name,
                             wait,
@@ -1124,6 +1125,8 @@ impl LockBackend for MysqlGetLockBackend {
 /// One key's release watch, shared by its waiters.
 struct ReleaseWatch {
     pool: mysql_async::Pool,
+    /// The backend's [`Shared::frugal`]: set, the watch closes its connection when it ends.
+    frugal: Arc<std::sync::atomic::AtomicBool>,
     waiting: Waiting,
     name: String,
     /// How long one `GET_LOCK` wait lasts, in seconds.
@@ -1153,13 +1156,24 @@ impl ReleaseWatch {
 /// in `watch` is free, then tells its waiters; waits again after each `GET_LOCK` timeout while
 /// anyone listens.
 async fn wait_for_release(watch: ReleaseWatch, kept: Option<Conn>) {
+    let Some(conn) = wait_on(&watch, kept).await else {
+        return;
+    };
+    // On a crowded server the watch does not leave its connection idle in the pool.
+    if watch.frugal.load(std::sync::atomic::Ordering::Relaxed) {
+        let _ = conn.disconnect().await;
+    }
+}
+
+/// [`wait_for_release`]'s wait; the connection when it still answers.
+async fn wait_on(watch: &ReleaseWatch, kept: Option<Conn>) -> Option<Conn> {
     let mut conn = match kept {
         Some(conn) => (conn, true),
         None => match watch.pool.get_conn().await {
             Ok(conn) => (conn, false),
             Err(_) => {
                 watch.end(false);
-                return;
+                return None;
             }
         },
     };
@@ -1175,11 +1189,11 @@ async fn wait_for_release(watch: ReleaseWatch, kept: Option<Conn>) {
             Ok(Some(Some(1))) => {
                 watch.end(false);
                 let _ = watch.tx.send(());
-                return;
+                return Some(conn.0);
             }
             Ok(_) => {
                 if watch.end(true) {
-                    return;
+                    return Some(conn.0);
                 }
             }
             Err(e) => {
@@ -1192,7 +1206,7 @@ async fn wait_for_release(watch: ReleaseWatch, kept: Option<Conn>) {
                     }
                 }
                 watch.end(false);
-                return;
+                return None;
             }
         }
     }
