@@ -53,8 +53,8 @@
 //! `GET_LOCK`, until a later count finds the server below that. The count is a heuristic
 //! (processes that count at the same moment all see the same figure). 100 `leaselock run --wait`
 //! processes started at once against the default `max_connections = 151` all finished, the work
-//! once, with at most 54 connections open with `GET_LOCK` and 35 with the table (87 and 68 when
-//! the work took 3 s); before, they peaked at 98 to 133 and 147.
+//! once, with at most 39-62 connections open with `GET_LOCK` and 35-53 with the table (87-93
+//! and 68 when the work took 3 s); before, they peaked at 151 (the limit) and 146.
 //!
 //! # MySQL 8 and MariaDB
 //!

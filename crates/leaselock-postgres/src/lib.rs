@@ -58,10 +58,11 @@
 //! heuristic (processes that count at the same moment all see the same figure), but a crowd of
 //! waiting processes then costs the server about a connection per attempt in flight rather than
 //! two per process: 100 `leaselock run --wait` processes started at once against a server with
-//! `max_connections = 100` all finished, the work once, with at most 47 connections open
-//! (advisory) and 26 (table), 56 and 52 when the work took 3 s; before, the advisory herd
-//! filled the server and 17 of its processes failed with "too many clients" after waiting
-//! 120 s. The price: an attempt per poll interval, each on a new connection, and a release
+//! `max_connections = 100` all finished, the work once, with at most 42-47 connections open
+//! (advisory) and 24-48 (table); when the work took 3 s, 56-71 and 52-70 across runs, so the
+//! count keeps a crowd well below the limit but does not promise a ceiling. Before, the
+//! advisory herd filled the server and 17 to 59 of its processes failed with "too many
+//! clients" after waiting 120 s. The price: an attempt per poll interval, each on a new connection, and a release
 //! reaching the crowd at its next poll instead of at once.
 //!
 //! # Durability
