@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -257,8 +257,8 @@ async fn drive<S, T>(
     closed.send_replace(true);
 }
 
-/// What both backends share: the control connection (lazily opened, reopened when it breaks),
-/// the LISTEN connection, timeouts.
+/// What both backends share: the statement connections (opened as concurrent operations need
+/// them, reopened when they break), the LISTEN, timeouts.
 pub(crate) struct Shared {
     pub(crate) backend: &'static str,
     pub(crate) connector: Connector,
@@ -267,19 +267,60 @@ pub(crate) struct Shared {
     pub(crate) channel: String,
     schema: Option<String>,
     target: String,
-    /// The statement connections, each opened on first use; operations take turns.
-    control: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
-    next: AtomicUsize,
-    listener: tokio::sync::Mutex<Option<Listener>>,
+    /// The statement connections: at most [`PgConfig::connections`], a new one opened only when
+    /// every open one has a statement in flight, so a caller that runs one statement at a time
+    /// (the CLI) keeps one connection, and a busy server process spreads its load.
+    control: Vec<Slot>,
+    /// Where every statement connection forwards the notifications of [`Shared::channel`].
+    events: broadcast::Sender<Arc<str>>,
+    /// The statement connection that runs `LISTEN`, once a release is watched: no connection
+    /// of its own.
+    listener: tokio::sync::Mutex<Option<Arc<Conn>>>,
     /// How many live release watches this backend has per key. An acquisition that finds its
     /// key held marks the key wanted only when somebody here waits for it, so that a release
     /// sends `pg_notify` only when a waiter can hear it.
     watched: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    /// Set when the last release watch found the server crowded (see [`Shared::watch_release`]):
+    /// waiting, this backend keeps no connection between attempts.
+    frugal: AtomicBool,
+    /// When the server's connections were last counted.
+    crowd_checked: Mutex<Option<std::time::Instant>>,
 }
 
-struct Listener {
-    conn: Conn,
-    events: broadcast::Sender<Arc<str>>,
+/// How often a waiter counts the server's connections, at most.
+const CROWD_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// The server's client connections and their limit, for [`Shared::watch_release`].
+const CROWD_SQL: &str = "SELECT (SELECT count(*) FROM pg_stat_activity \
+                                 WHERE backend_type = 'client backend') AS used, \
+                                current_setting('max_connections')::int8 AS max";
+
+/// One statement connection (opened on first use) and how many operations use it now.
+struct Slot {
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    busy: AtomicUsize,
+}
+
+/// A statement connection in use; it counts as busy until this is dropped.
+pub(crate) struct InUse<'a> {
+    conn: Arc<Conn>,
+    _busy: Busy<'a>,
+}
+
+/// One count of a slot's users, given back when dropped (also when the operation is cancelled).
+struct Busy<'a>(&'a AtomicUsize);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::ops::Deref for InUse<'_> {
+    type Target = Arc<Conn>;
+    fn deref(&self) -> &Arc<Conn> {
+        &self.conn
+    }
 }
 
 /// A typed statement parameter.
@@ -301,11 +342,16 @@ impl Shared {
             schema: config.schema_name().map(str::to_owned),
             target: config.target(),
             control: (0..config.connections)
-                .map(|_| tokio::sync::Mutex::new(None))
+                .map(|_| Slot {
+                    conn: tokio::sync::Mutex::new(None),
+                    busy: AtomicUsize::new(0),
+                })
                 .collect(),
-            next: AtomicUsize::new(0),
+            events: broadcast::channel(1024).0,
             listener: tokio::sync::Mutex::new(None),
             watched: Arc::default(),
+            frugal: AtomicBool::new(false),
+            crowd_checked: Mutex::new(None),
         })
     }
 
@@ -319,28 +365,72 @@ impl Shared {
         &self.target
     }
 
-    /// A statement connection (the next in turn), opened on first use and reopened when it
-    /// broke.
-    pub(crate) async fn control(&self) -> Result<Arc<Conn>> {
-        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.control.len();
-        let mut control = self.control[slot].lock().await;
+    /// A statement connection: an open one nobody uses, else a new one while fewer than
+    /// [`PgConfig::connections`] are open, else the least used (statements pipeline). Reopened
+    /// when it broke.
+    pub(crate) async fn control(&self) -> Result<InUse<'_>> {
+        let slot = &self.control[self.pick()];
+        let busy = Busy(&slot.busy);
+        let mut control = slot.conn.lock().await;
         if let Some(conn) = control.as_ref() {
             if !conn.is_closed() {
-                return Ok(Arc::clone(conn));
+                return Ok(InUse {
+                    conn: Arc::clone(conn),
+                    _busy: busy,
+                });
             }
         }
-        let conn = Arc::new(self.connector.connect(self.backend, None).await?);
+        let conn = Arc::new(
+            self.connector
+                .connect(
+                    self.backend,
+                    Some((self.channel.clone(), self.events.clone())),
+                )
+                .await?,
+        );
         *control = Some(Arc::clone(&conn));
-        Ok(conn)
+        Ok(InUse { conn, _busy: busy })
+    }
+
+    /// The slot the next operation uses, counted busy.
+    fn pick(&self) -> usize {
+        let mut unopened = None;
+        let mut least = (usize::MAX, 0);
+        let mut chosen = None;
+        for (i, slot) in self.control.iter().enumerate() {
+            let busy = slot.busy.load(Ordering::Relaxed);
+            // A slot whose lock is taken is being opened (or checked): it counts as used.
+            if let Ok(conn) = slot.conn.try_lock() {
+                if conn.as_ref().is_none_or(|c| c.is_closed()) {
+                    unopened.get_or_insert(i);
+                    continue;
+                }
+                if busy == 0 {
+                    chosen = Some(i);
+                    break;
+                }
+            }
+            if busy < least.0 {
+                least = (busy, i);
+            }
+        }
+        let i = chosen.or(unopened).unwrap_or(least.1);
+        self.control[i].busy.fetch_add(1, Ordering::Relaxed);
+        i
     }
 
     /// Forgets `conn` (it stopped answering): the next operation in its slot opens a new one.
     async fn forget(&self, conn: &Arc<Conn>) {
         for slot in &self.control {
-            let mut control = slot.lock().await;
+            let mut control = slot.conn.lock().await;
             if control.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
                 *control = None;
             }
+        }
+        let mut listener = self.listener.lock().await;
+        if listener.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            // Its watchers are told through `closed` once the last user drops it.
+            *listener = None;
         }
     }
 
@@ -469,26 +559,70 @@ impl Shared {
         }
     }
 
-    /// Subscribes to release notifications for `key`; LISTEN is in place when this returns.
+    /// Subscribes to release notifications for `key`; LISTEN is in place when this returns. The
+    /// LISTEN runs on a statement connection (notifications arrive between its statements), so
+    /// watching costs no connection of its own.
+    ///
+    ///
+    /// It first counts the server's client connections (at most once every
+    /// [`CROWD_CHECK_EVERY`]): when a third of `max_connections` or more are in use, it does not
+    /// listen (the caller polls), stops a LISTEN in place, and the backend turns frugal: after
+    /// each attempt it closes the connections it does not need ([`Shared::shed`]), so that a
+    /// crowd of waiting processes leaves the server room. A later count below that ends it.
     pub(crate) async fn watch_release(&self, key: &LockKey) -> Result<Option<Wakeup>> {
+        let due = {
+            let mut checked = lock(&self.crowd_checked);
+            let due = checked.is_none_or(|at| at.elapsed() >= CROWD_CHECK_EVERY);
+            if due {
+                *checked = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if due {
+            let row = self
+                .query_one("counting the server's connections", CROWD_SQL, &[])
+                .await?;
+            let used: i64 = row.try_get("used").map_err(|e| self.unexpected(e))?;
+            let max: i64 = row.try_get("max").map_err(|e| self.unexpected(e))?;
+            let crowded = used * 3 >= max;
+            if crowded != self.frugal() {
+                tracing::debug!(used, max, crowded, "server connections counted");
+            }
+            self.frugal.store(crowded, Ordering::Relaxed);
+        }
+        if self.frugal() {
+            // Its connection closes once no statement uses it; its watchers then wake.
+            self.listener.lock().await.take();
+            self.shed();
+            return Ok(None);
+        }
         let mut listener = self.listener.lock().await;
-        let reuse = listener.as_ref().filter(|l| !l.conn.is_closed());
+        let reuse = listener.as_ref().filter(|c| !c.is_closed());
         let (events, closed) = match reuse {
-            Some(l) => (l.events.subscribe(), l.conn.closed()),
+            Some(conn) => (self.events.subscribe(), conn.closed()),
             None => {
-                let (tx, _) = broadcast::channel(1024);
-                let conn = self
-                    .connector
-                    .connect(self.backend, Some((self.channel.clone(), tx.clone())))
-                    .await?;
+                let conn = self.control().await?;
+                // Subscribed before LISTEN, so that nothing between them is missed.
+                let events = self.events.subscribe();
                 let listen = format!("LISTEN \"{}\"", self.channel);
-                tokio::time::timeout(self.operation_timeout, conn.client.batch_execute(&listen))
-                    .await
-                    .map_err(|_| error::timeout(self.backend, "LISTEN"))?
-                    .map_err(|e| error::driver(self.backend, "LISTEN", e))?;
-                let events = tx.subscribe();
+                let outcome = tokio::time::timeout(
+                    self.operation_timeout,
+                    conn.client.batch_execute(&listen),
+                )
+                .await;
+                match outcome {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(error::driver(self.backend, "LISTEN", e)),
+                    Err(_) => {
+                        let stuck = Arc::clone(&conn);
+                        drop(conn);
+                        drop(listener);
+                        self.forget(&stuck).await;
+                        return Err(error::timeout(self.backend, "LISTEN"));
+                    }
+                }
                 let closed = conn.closed();
-                *listener = Some(Listener { conn, events: tx });
+                *listener = Some(Arc::clone(&conn));
                 (events, closed)
             }
         };
@@ -498,6 +632,30 @@ impl Shared {
             wait_for_key(events, closed, &watch.key).await;
             drop(watch);
         })))
+    }
+
+    /// Whether the last release watch found the server crowded: then a waiter keeps no
+    /// connection between its attempts.
+    pub(crate) fn frugal(&self) -> bool {
+        self.frugal.load(Ordering::Relaxed)
+    }
+
+    /// When [`Shared::frugal`], closes the statement connections no operation uses now.
+    pub(crate) fn shed(&self) {
+        if !self.frugal() {
+            return;
+        }
+        for slot in &self.control {
+            if slot.busy.load(Ordering::Relaxed) == 0 {
+                if let Ok(mut conn) = slot.conn.try_lock() {
+                    *conn = None;
+                }
+            }
+        }
+    }
+
+    fn unexpected(&self, e: tokio_postgres::Error) -> Error {
+        Error::permanent(self.backend, format!("unexpected column type: {e}"))
     }
 
     /// Whether a release watch of this backend (a waiter of this process) is live for `key`.

@@ -32,6 +32,39 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Connections
+//!
+//! A backend opens its connections on first use and keeps them, sized to its work:
+//!
+//! - **Statement connections** (every table operation; the advisory backend's storage check,
+//!   status, list, cleanup and pooler probe): one, and another only when an operation starts
+//!   while every open one has a statement in flight, up to [`PgConfig::connections`] (default
+//!   4). A caller that runs one operation at a time keeps one.
+//! - **LISTEN** for release wake-ups runs on a statement connection: no connection of its own.
+//! - **Advisory sessions**: one per held lock, and the one a refused attempt used, kept idle for
+//!   the next attempt (at most [`PgConfig::max_idle_sessions`]).
+//!
+//! So a process that holds one lock or waits for one keeps **1 connection with the table
+//! backend** and **2 with the advisory backend** (the lock's session, and the statement
+//! connection, which the pooler probe needs to be another connection). The `leaselock` CLI
+//! measured with one holder and three waiters on one key: table 4 connections (was 20), advisory
+//! 8 (was 20).
+//!
+//! **A crowded server.** A waiter counts the server's client connections (`pg_stat_activity`,
+//! at most once a second). When a third of `max_connections` or more are in use, it does not
+//! listen (it stops a LISTEN in place): it polls, at the wait policy's interval, and between
+//! attempts it keeps no connection at all; an advisory holder then keeps only its lock's
+//! session. It listens again once a later count finds the server below that. The count is a
+//! heuristic (processes that count at the same moment all see the same figure), but a crowd of
+//! waiting processes then costs the server about a connection per attempt in flight rather than
+//! two per process: 100 `leaselock run --wait` processes started at once against a server with
+//! `max_connections = 100` all finished, the work once, with at most 42-47 connections open
+//! (advisory) and 24-48 (table); when the work took 3 s, 56-71 and 52-70 across runs, so the
+//! count keeps a crowd well below the limit but does not promise a ceiling. Before, the
+//! advisory herd filled the server and 17 to 59 of its processes failed with "too many
+//! clients" after waiting 120 s. The price: an attempt per poll interval, each on a new connection, and a release
+//! reaching the crowd at its next poll instead of at once.
+//!
 //! # Durability
 //!
 //! Acquisitions and refreshes commit as the server's `synchronous_commit` says; keep it on (the

@@ -556,6 +556,8 @@ impl LockBackend for PgAdvisoryBackend {
                     acquired_at,
                 );
                 lock(&self.inner.held).insert(lease_id(&lease), session);
+                // On a crowded server the lock's session is all a holder keeps.
+                self.shared().shed();
                 return Ok(AcquireOutcome::Acquired(lease));
             }
             // The holder released between our attempt and our mark, so its release saw no
@@ -571,7 +573,13 @@ impl LockBackend for PgAdvisoryBackend {
             // reported unknown; `status` and `list` check the row against `pg_locks`.
             let row_pid: Option<i32> = row.try_get("holder_pid").map_err(conv)?;
             let info = holder_info(k, row, 4, row_pid)?;
-            self.put_idle(session);
+            if self.shared().frugal() {
+                // Waiting on a crowded server: keep no connection until the next attempt.
+                drop(session);
+                self.shared().shed();
+            } else {
+                self.put_idle(session);
+            }
             return Ok(AcquireOutcome::Held(info));
         }
     }

@@ -299,6 +299,7 @@ impl LockBackend for PgTableBackend {
         }
         let Some(row) = rows.first() else {
             // The holder changed between the conflict and our read: held, holder unknown.
+            self.shared.shed();
             return Ok(AcquireOutcome::Held(None));
         };
         let now: SystemTime = row.try_get("now").map_err(conv)?;
@@ -319,6 +320,8 @@ impl LockBackend for PgTableBackend {
             };
             return Ok(AcquireOutcome::Acquired(lease));
         }
+        // Waiting on a crowded server: keep no connection until the next attempt.
+        self.shared.shed();
         // Held: report the holder unless the row we read was already free or expired (a race).
         Ok(AcquireOutcome::Held(
             info.filter(|i| i.remaining.is_none_or(|r| !r.is_zero())),
