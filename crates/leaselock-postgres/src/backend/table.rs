@@ -68,6 +68,34 @@ impl fmt::Debug for PgTableBackend {
 }
 
 impl PgTableBackend {
+    /// Every key with a holder, held or (with `with_expired`) expired, by the server's clock:
+    /// what `list` and `list_with_expired` read.
+    async fn holders(&self, with_expired: bool) -> Result<Vec<LockState>> {
+        let live = if with_expired {
+            ""
+        } else {
+            " AND (expires_at IS NULL OR expires_at > now())"
+        };
+        let sql = format!(
+            "SELECT key, owner, token, acquired_at, expires_at, now() AS now FROM {t} \
+              WHERE owner IS NOT NULL{live} ORDER BY key COLLATE \"C\"",
+            t = self.t()
+        );
+        let rows = self.shared.query("list", &sql, &[]).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let now: SystemTime = row.try_get("now").map_err(conv)?;
+            let k = key(NAME, row.try_get(0).map_err(conv)?)?;
+            if let Some(info) = info_at(&k, row, 1, now)? {
+                out.push(match info.expires_at {
+                    Some(expires_at) if expires_at <= now => LockState::Expired(info),
+                    _ => LockState::Held(info),
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// A backend over `config`'s table (default [`DEFAULT_TABLE`]). Connects lazily, on first
     /// use; call [`LockBackend::init_storage`] once to create the table.
     pub fn new(config: PgConfig) -> Result<Self> {
@@ -490,43 +518,19 @@ impl LockBackend for PgTableBackend {
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
-        let sql = format!(
-            "SELECT key, owner, token, acquired_at, expires_at, now() AS now FROM {t} \
-              WHERE owner IS NOT NULL AND (expires_at IS NULL OR expires_at > now()) \
-              ORDER BY key COLLATE \"C\"",
-            t = self.t()
-        );
-        let rows = self.shared.query("list", &sql, &[]).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let now: SystemTime = row.try_get("now").map_err(conv)?;
-            let k = key(NAME, row.try_get(0).map_err(conv)?)?;
-            if let Some(info) = info_at(&k, row, 1, now)? {
-                out.push(info);
-            }
-        }
-        Ok(out)
+        Ok(self
+            .holders(false)
+            .await?
+            .into_iter()
+            .filter_map(|state| match state {
+                LockState::Held(info) => Some(info),
+                _ => None,
+            })
+            .collect())
     }
 
     async fn list_with_expired(&self) -> Result<Vec<LockState>> {
-        let sql = format!(
-            "SELECT key, owner, token, acquired_at, expires_at, now() AS now FROM {t} \
-              WHERE owner IS NOT NULL ORDER BY key COLLATE \"C\"",
-            t = self.t()
-        );
-        let rows = self.shared.query("list", &sql, &[]).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let now: SystemTime = row.try_get("now").map_err(conv)?;
-            let k = key(NAME, row.try_get(0).map_err(conv)?)?;
-            if let Some(info) = info_at(&k, row, 1, now)? {
-                out.push(match info.expires_at {
-                    Some(expires_at) if expires_at <= now => LockState::Expired(info),
-                    _ => LockState::Held(info),
-                });
-            }
-        }
-        Ok(out)
+        self.holders(true).await
     }
 
     async fn force_release(&self, k: &LockKey) -> Result<Option<LockInfo>> {
