@@ -4,7 +4,6 @@ mod get_lock;
 mod table;
 
 use std::ops::DerefMut;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use leaselock::{Error, LockKey, OwnerId, Result};
@@ -53,16 +52,8 @@ pub(crate) struct Shared {
     pub(crate) ctx: ErrorContext,
     pub(crate) checked: Checked,
     /// The connection the last lease operation used and gave back, and when.
-    pub(crate) hot: std::sync::Mutex<Option<(Conn, std::time::Instant)>>,
-    /// Set when the last count found the server crowded (see [`Shared::check_crowd`]): waiting,
-    /// this backend keeps no connection between attempts.
-    pub(crate) frugal: Arc<std::sync::atomic::AtomicBool>,
-    /// When the server's connections were last counted.
-    crowd_checked: std::sync::Mutex<Option<std::time::Instant>>,
+    hot: std::sync::Mutex<Option<(Conn, std::time::Instant)>>,
 }
-
-/// How often a waiter counts the server's connections, at most.
-const CROWD_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// A connection for one lease operation (see [`Shared::hot_conn`]). Dereferences to the
 /// driver's [`Conn`].
@@ -82,18 +73,6 @@ impl HotConn<'_> {
     /// The operation's statements all succeeded: the connection may serve the next one.
     pub(crate) fn keep(&mut self) {
         self.keep = true;
-    }
-
-    /// The operation's statements all succeeded: the connection serves the next one, unless
-    /// this backend is [frugal](Shared::frugal), which closes it.
-    pub(crate) async fn keep_or_close(mut self) {
-        if self.shared.frugal() {
-            if let Some(conn) = self.conn.take() {
-                let _ = conn.disconnect().await;
-            }
-        } else {
-            self.keep();
-        }
     }
 
     /// Runs the operation's first statement. On the kept connection, a statement that finds
@@ -182,28 +161,6 @@ impl Drop for HotConn<'_> {
     }
 }
 
-/// The pool options: the application's, without resetting connections on return, and keeping
-/// at most [`IDLE_CONNECTIONS`] idle connections unless the application chose its own
-/// constraints (mysql_async's default keeps 10 open per pool, for ever: with one pool per
-/// process, a few dozen processes waiting for a lock would fill a server's `max_connections`).
-fn pool_opts(opts: &mysql_async::PoolOpts) -> mysql_async::PoolOpts {
-    let mut opts = opts.clone().with_reset_connection(false);
-    let defaults = mysql_async::PoolConstraints::default();
-    let constraints = opts.constraints();
-    if constraints.min() == defaults.min() && constraints.max() == defaults.max() {
-        if let Some(constraints) =
-            mysql_async::PoolConstraints::new(IDLE_CONNECTIONS, defaults.max())
-        {
-            opts = opts.with_constraints(constraints);
-        }
-    }
-    opts
-}
-
-/// How many idle connections a pool keeps when the application set no `pool_min`/`pool_max`.
-/// More are opened while operations run concurrently, and closed when they come back.
-pub(crate) const IDLE_CONNECTIONS: usize = 1;
-
 impl Shared {
     pub(crate) fn new(backend: &'static str, checked: Checked) -> Self {
         #[cfg(feature = "tls")]
@@ -224,14 +181,17 @@ impl Shared {
             // that would cost a round trip and drop the prepared statements, which then cost
             // another. An application's own `reset_connection` choice has no say here.
             pool: Pool::new(
-                mysql_async::OptsBuilder::from_opts(checked.opts.clone())
-                    .pool_opts(pool_opts(checked.opts.pool_opts())),
+                mysql_async::OptsBuilder::from_opts(checked.opts.clone()).pool_opts(
+                    checked
+                        .opts
+                        .pool_opts()
+                        .clone()
+                        .with_reset_connection(false),
+                ),
             ),
             ctx,
             checked,
             hot: std::sync::Mutex::new(None),
-            frugal: Arc::default(),
-            crowd_checked: std::sync::Mutex::new(None),
         }
     }
 
@@ -297,58 +257,6 @@ impl Shared {
         let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
         if hot.is_none() {
             *hot = Some((conn, std::time::Instant::now()));
-        }
-    }
-
-    /// Counts the server's connections (`Threads_connected`), at most once every
-    /// [`CROWD_CHECK_EVERY`], for a waiter: when a third of `max_connections` or more are in
-    /// use, the backend turns frugal (see [`Shared::frugal`]) until a later count finds fewer.
-    /// Returns whether it is frugal.
-    pub(crate) async fn check_crowd(&self) -> Result<bool> {
-        {
-            let mut checked = self.crowd_checked.lock().unwrap_or_else(|p| p.into_inner());
-            if checked.is_some_and(|at| at.elapsed() < CROWD_CHECK_EVERY) {
-                return Ok(self.frugal());
-            }
-            *checked = Some(std::time::Instant::now());
-        }
-        let mut conn = self.hot_conn().await?;
-        let max: Option<u64> = conn.exec_first("SELECT @@max_connections", ()).await?;
-        let used: Option<Row> = conn
-            .query_first("SHOW GLOBAL STATUS LIKE 'Threads_connected'")
-            .await
-            .map_err(|e| self.err(e))?;
-        let used = used
-            .map(|row| self.decode::<(String, u64)>(row))
-            .transpose()?
-            .map(|(_, used)| used);
-        // The connection serves the attempt that follows; a frugal one closes it after that.
-        conn.keep();
-        let crowded = match (used, max) {
-            (Some(used), Some(max)) => used * 3 >= max,
-            _ => false,
-        };
-        if crowded != self.frugal() {
-            tracing::debug!(?used, ?max, crowded, "server connections counted");
-        }
-        self.frugal
-            .store(crowded, std::sync::atomic::Ordering::Relaxed);
-        Ok(crowded)
-    }
-
-    /// Whether the last count found the server crowded: then a waiter keeps no connection
-    /// between its attempts, and waits by polling.
-    pub(crate) fn frugal(&self) -> bool {
-        self.frugal.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Keeps `conn` (holding nothing) as [`Shared::give_back`] does, or closes it when
-    /// [frugal](Shared::frugal).
-    pub(crate) async fn give_back_or_close(&self, conn: Conn) {
-        if self.frugal() {
-            let _ = conn.disconnect().await;
-        } else {
-            self.give_back(conn);
         }
     }
 

@@ -36,26 +36,6 @@
 //! meanwhile (killed, or the server restarted) is replaced from the pool, as the pool's own
 //! check would have.
 //!
-//! The pool keeps at most one idle connection unless the application sets `pool_min`/`pool_max`
-//! (mysql_async's own default keeps 10 per pool for ever, which a few dozen waiting processes
-//! multiply into a full server): it opens more while operations run concurrently, and closes them
-//! as they come back. A `GET_LOCK` waiter waits for the release on the connection its refused
-//! attempt used, and all the waiters of one key in a backend share one waiting connection. So a
-//! process that holds one lock or waits for one keeps **1 connection with the table backend** and
-//! **2 with `GET_LOCK`** (the lock's own, or the waiting one, plus the one operations use). The
-//! `leaselock` CLI measured with one holder and three waiters on one key: `GET_LOCK` 7
-//! connections (was 16), table 4 (was 4). A server process that runs many lock operations at
-//! once should raise `pool_min` to keep its connections.
-//!
-//! **A crowded server.** A waiter counts the server's connections (`Threads_connected`, at most
-//! once a second). When a third of `max_connections` or more are in use, it keeps no connection
-//! between its attempts, and a `GET_LOCK` waiter polls instead of parking a connection in
-//! `GET_LOCK`, until a later count finds the server below that. The count is a heuristic
-//! (processes that count at the same moment all see the same figure). 100 `leaselock run --wait`
-//! processes started at once against the default `max_connections = 151` all finished, the work
-//! once, with at most 39-62 connections open with `GET_LOCK` and 35-53 with the table (87-93
-//! and 68 when the work took 3 s); before, they peaked at 151 (the limit) and 146.
-//!
 //! # MySQL 8 and MariaDB
 //!
 //! Tested against MariaDB 10.11; written for MySQL 8 too. The differences that matter here:

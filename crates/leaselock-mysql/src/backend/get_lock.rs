@@ -13,7 +13,7 @@ use leaselock::{
 };
 use mysql_async::prelude::*;
 use mysql_async::Conn;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{oneshot, watch};
 
 use super::{system_time, us_of, Shared};
 use crate::config::{MysqlConfig, Strategy};
@@ -121,13 +121,7 @@ struct Inner {
     held: Mutex<HashMap<(LockKey, u64), Arc<Held>>>,
     /// Locks whose liveness watch has not started (see [`watch_new_locks`]).
     unwatched: Mutex<Unwatched>,
-    /// The release watches in progress, by `GET_LOCK` name: one waiting connection per key,
-    /// whatever the number of waiters (see [`wait_for_release`]).
-    waiting: Waiting,
 }
-
-/// The release watch of each `GET_LOCK` name that has one: a sender its waiters subscribe to.
-type Waiting = Arc<Mutex<HashMap<String, broadcast::Sender<()>>>>;
 
 /// Locks acquired since the liveness ticker last looked.
 #[derive(Default)]
@@ -375,7 +369,6 @@ impl MysqlGetLockBackend {
                 sql,
                 held: Mutex::default(),
                 unwatched: Mutex::default(),
-                waiting: Waiting::default(),
             }),
         })
     }
@@ -744,11 +737,7 @@ impl LockBackend for MysqlGetLockBackend {
             .map_err(|e| shared.check_error(e))?;
         conn.query_drop(&self.inner.sql.check_holders)
             .await
-            .map_err(|e| shared.check_error(e))?;
-        // Kept for the first attempt, which follows: the pool takes a returned connection in
-        // through a task, and an attempt that came first would open a second connection.
-        shared.give_back(conn);
-        Ok(())
+            .map_err(|e| shared.check_error(e))
     }
 
     async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
@@ -803,9 +792,8 @@ impl LockBackend for MysqlGetLockBackend {
                 conn.reset_connection(false);
                 let probe = self.probe(&mut conn, key).await?;
                 // It answered and holds nothing: keep it for the next attempt, as a clean
-                // release does (the pool would take it in through its recycler task); on a
-                // crowded server close it.
-                shared.give_back_or_close(conn).await;
+                // release does (the pool would take it in through its recycler task).
+                shared.give_back(conn);
                 let holder = match probe.consistent() {
                     true => self.holder(key, probe)?,
                     false => None,
@@ -1049,48 +1037,15 @@ impl LockBackend for MysqlGetLockBackend {
     }
 
     async fn watch_release(&self, key: &LockKey) -> Result<Option<Wakeup>> {
-        if self.shared().check_crowd().await? {
-            // A crowded server: no waiting connection; the caller polls, and keeps no
-            // connection between its attempts.
-            return Ok(None);
-        }
-        let inner = Arc::clone(&self.inner);
+        let pool = self.shared().pool.clone();
         let name = self.lock_name(key);
         let wait = self.shared().checked.release_wait.as_secs();
         // Starts waiting only when first polled (after a failed attempt), so a first attempt that
-        // succeeds costs nothing. All the waiters of a key share one waiting connection, and it
-        // is the connection the refused attempt gave back when there is one: a waiter keeps one
-        // connection, not one to try and one (or one per poll) to wait.
+        // succeeds costs nothing.
         Ok(Some(Box::pin(async move {
-            let mut released = {
-                let mut waiting = lock(&inner.waiting);
-                match waiting.get(&name) {
-                    Some(tx) => tx.subscribe(),
-                    None => {
-                        let (tx, rx) = broadcast::channel(1);
-                        waiting.insert(name.clone(), tx.clone());
-                        let kept = inner
-                            .shared
-                            .hot
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .take()
-                            .map(|(conn, _)| conn);
-                        let watch = ReleaseWatch {
-                            pool: inner.shared.pool.clone(),
-                            frugal: Arc::clone(&inner.shared.frugal),
-                            waiting: Arc::clone(&inner.waiting),
-                            name,
-                            wait,
-                            tx,
-                        };
-                        tokio::spawn(wait_for_release(watch, kept));
-                        rx
-                    }
-                }
-            };
-            drop(inner);
-            if released.recv().await.is_err() {
+            let (tx, rx) = oneshot::channel::<()>();
+            tokio::spawn(wait_for_release(pool, name, wait, tx));
+            if rx.await.is_err() {
                 // The watcher could not wait (no connection): leave it to the caller's polling.
                 std::future::pending::<()>().await;
             }
@@ -1122,91 +1077,32 @@ impl LockBackend for MysqlGetLockBackend {
 
 /// Waits server-side, `wait` seconds at a time, until `name` is free, takes it and lets go in the
 /// same statement, and tells `tx`. Gives up quietly when nobody listens any more or on an error.
-/// One key's release watch, shared by its waiters.
-struct ReleaseWatch {
+async fn wait_for_release(
     pool: mysql_async::Pool,
-    /// The backend's [`Shared::frugal`]: set, the watch closes its connection when it ends.
-    frugal: Arc<std::sync::atomic::AtomicBool>,
-    waiting: Waiting,
     name: String,
-    /// How long one `GET_LOCK` wait lasts, in seconds.
     wait: u64,
-    tx: broadcast::Sender<()>,
-}
-
-impl ReleaseWatch {
-    /// Ends the watch (its waiters are told through `tx`) unless `only_unwatched` and a waiter
-    /// still listens; whether it ended.
-    fn end(&self, only_unwatched: bool) -> bool {
-        let mut waiting = lock(&self.waiting);
-        if only_unwatched && self.tx.receiver_count() > 0 {
-            return false;
-        }
-        if waiting
-            .get(&self.name)
-            .is_some_and(|tx| tx.same_channel(&self.tx))
-        {
-            waiting.remove(&self.name);
-        }
-        true
-    }
-}
-
-/// Waits, on `kept` (a connection holding nothing) or one from the pool, until the lock named
-/// in `watch` is free, then tells its waiters; waits again after each `GET_LOCK` timeout while
-/// anyone listens.
-async fn wait_for_release(watch: ReleaseWatch, kept: Option<Conn>) {
-    let Some(conn) = wait_on(&watch, kept).await else {
+    tx: oneshot::Sender<()>,
+) {
+    let Ok(mut conn) = pool.get_conn().await else {
         return;
-    };
-    // On a crowded server the watch does not leave its connection idle in the pool.
-    if watch.frugal.load(std::sync::atomic::Ordering::Relaxed) {
-        let _ = conn.disconnect().await;
-    }
-}
-
-/// [`wait_for_release`]'s wait; the connection when it still answers.
-async fn wait_on(watch: &ReleaseWatch, kept: Option<Conn>) -> Option<Conn> {
-    let mut conn = match kept {
-        Some(conn) => (conn, true),
-        None => match watch.pool.get_conn().await {
-            Ok(conn) => (conn, false),
-            Err(_) => {
-                watch.end(false);
-                return None;
-            }
-        },
     };
     loop {
         let got: std::result::Result<Option<Option<i64>>, _> = conn
-            .0
             .exec_first(
                 "SELECT IF(GET_LOCK(?, ?) = 1, RELEASE_LOCK(?), 0)",
-                (watch.name.as_str(), watch.wait, watch.name.as_str()),
+                (name.as_str(), wait, name.as_str()),
             )
             .await;
         match got {
             Ok(Some(Some(1))) => {
-                watch.end(false);
-                let _ = watch.tx.send(());
-                return Some(conn.0);
+                let _ = tx.send(());
+                return;
             }
-            Ok(_) => {
-                if watch.end(true) {
-                    return Some(conn.0);
-                }
-            }
-            Err(e) => {
-                let _ = conn.0.disconnect().await;
-                // The kept connection had ended on the server meanwhile: wait on the pool's.
-                if conn.1 && super::ended(&e) {
-                    if let Ok(fresh) = watch.pool.get_conn().await {
-                        conn = (fresh, false);
-                        continue;
-                    }
-                }
-                watch.end(false);
-                return None;
+            Ok(_) if !tx.is_closed() => continue,
+            Ok(_) => return,
+            Err(_) => {
+                let _ = conn.disconnect().await;
+                return;
             }
         }
     }

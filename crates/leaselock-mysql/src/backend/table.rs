@@ -281,11 +281,7 @@ impl LockBackend for MysqlTableBackend {
             .map_err(|e| shared.check_error(e))?;
         conn.query_drop(&self.inner.sql.check)
             .await
-            .map_err(|e| shared.check_error(e))?;
-        // Kept for the first attempt, which follows: the pool takes a returned connection in
-        // through a task, and an attempt that came first would open a second connection.
-        shared.give_back(conn);
-        Ok(())
+            .map_err(|e| shared.check_error(e))
     }
 
     async fn try_acquire(&self, request: &AcquireRequest) -> Result<AcquireOutcome> {
@@ -305,8 +301,7 @@ impl LockBackend for MysqlTableBackend {
                 let row: Option<HolderRow> = shared
                     .first(&mut conn, &self.inner.sql.status, (key,))
                     .await?;
-                // Waiting on a crowded server: keep no connection until the next attempt.
-                conn.keep_or_close().await;
+                conn.keep();
                 let holder = match self.state(request.key(), row)? {
                     LockState::Held(info) => Some(info),
                     // Released or expired since our attempt: the caller simply tries again.
@@ -473,9 +468,7 @@ impl LockBackend for MysqlTableBackend {
     }
 
     async fn watch_release(&self, _key: &LockKey) -> Result<Option<Wakeup>> {
-        // A lease row has no session to wait on: waiters poll at their retry interval. On a
-        // crowded server they keep no connection between attempts.
-        self.shared().check_crowd().await?;
+        // A lease row has no session to wait on: waiters poll at their retry interval.
         Ok(None)
     }
 
